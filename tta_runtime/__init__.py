@@ -1,0 +1,37 @@
+"""tta-runtime: test-time adaptation and inference for slot-centric segmenters.
+
+    >>> import tta_runtime as tta
+    >>> rt = tta.Runtime.from_pretrained()          # the default shipped model
+    >>> res = rt.adapt_and_predict("image.png")     # adapt on the image, then segment it
+    >>> res.masks.shape, res.ood_score              # (K, H, W), z-score of the reconstruction error
+
+`import tta_runtime` needs only torch, numpy and pydantic (+ safetensors and OpenCV for weights and
+images); optional backends are imported when first used.
+"""
+
+from __future__ import annotations
+
+from .adapt import AdaptationReport
+from .config import AdaptConfig, ModelCard
+from .errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
+from .hub import list_models, list_recipes, load_recipe
+from .result import Result
+from .runtime import Runtime
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptConfig",
+    "AdaptationReport",
+    "ConfigError",
+    "InvalidInputError",
+    "ModelCard",
+    "ModelLoadError",
+    "Result",
+    "Runtime",
+    "TTARuntimeError",
+    "UnknownNameError",
+    "list_models",
+    "list_recipes",
+    "load_recipe",
+]

@@ -1,0 +1,235 @@
+"""The adaptation loop: the one place where test-time gradient steps happen.
+
+Per call: choose the parameters (recipe `params`), snapshot the model on its own device, build or reuse
+the optimizer, then for each step decode (all pixels or a random subset), take the method's loss,
+check it and the gradients are finite, clip, step. Afterwards predict once with the adapted weights.
+Episodic mode restores parameters and buffers bit for bit after every call, whatever happened;
+continual mode keeps them (and the optimizer state) until `reset()`.
+
+A non-finite loss, gradient or weight rolls the model back to the last good weights, stops the loop
+and says so in the report; an exception restores the state the call started from.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdaptConfig
+from .methods import Method, get_method
+from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, SegmenterOutput], None]
+
+
+@dataclass
+class AdaptationReport:
+    """What one adaptation did. `losses[i]` is the loss before update i; `final_loss` after the last."""
+
+    recipe: str
+    method: str
+    mode: str
+    params: str
+    params_adapted: int
+    steps_requested: int
+    steps_run: int = 0
+    losses: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    stopped_early: bool = False
+    rolled_back: bool = False
+    rollback_reason: str | None = None
+    device: str = "cpu"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_parameters(model: SlotSegmenter, spec: str) -> dict[str, nn.Parameter]:
+    """Parameters named by a recipe's `params` ('all', 'norm', 'no_encoder', 'decoder', 're:<regex>')."""
+    named = dict(model.named_parameters())
+    if spec == "all":
+        chosen = named
+    elif spec == "norm":
+        norm_names = {
+            f"{mod_name}.{p}"
+            for mod_name, mod in model.named_modules()
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+            for p, _ in mod.named_parameters(recurse=False)
+        }
+        chosen = {n: p for n, p in named.items() if n in norm_names}
+    elif spec == "no_encoder":
+        chosen = {n: p for n, p in named.items() if not n.startswith("encoder.")}
+    elif spec == "decoder":
+        chosen = {n: p for n, p in named.items() if n.startswith("decoder.")}
+    else:  # "re:<regex>", validated by AdaptConfig
+        pattern = re.compile(spec[3:])
+        chosen = {n: p for n, p in named.items() if pattern.search(n)}
+    if not chosen:
+        raise ValueError(f"params={spec!r} selects no parameter; names look like {list(named)[:4]}")
+    return chosen
+
+
+def _build_optimizer(params: list[nn.Parameter], cfg: AdaptConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+class Adapter:
+    """Runs adaptation on one model. Not thread-safe by itself: the `Runtime` serialises calls."""
+
+    def __init__(self, model: SlotSegmenter, cfg: AdaptConfig, *, recipe_name: str | None = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.recipe_name = recipe_name or cfg.name
+        self.method: Method = get_method(cfg.method)
+        # Continual mode: the weights the model was loaded with, for reset(), and the carried optimizer.
+        self._source = {k: t.detach().clone() for k, t in _state_tensors(model).items()}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._opt_key: tuple[str, ...] | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the loaded weights and a fresh optimizer (continual mode's reset)."""
+        with torch.no_grad():
+            for k, t in _state_tensors(self.model).items():
+                t.copy_(self._source[k])
+        self._optimizer, self._opt_key = None, None
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().clone() for k, t in _state_tensors(self.model).items()}
+
+    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, t in _state_tensors(self.model).items():
+                t.copy_(snap[k])
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(
+        self, image: torch.Tensor, *, cfg: AdaptConfig | None = None, on_step: StepCallback | None = None
+    ) -> tuple[SegmenterOutput, AdaptationReport]:
+        """Adapt on one image (1, 3, S, S) in [0, 1] and predict with the adapted weights.
+
+        `on_step(i, out)` sees the full-resolution output before update i and, last, after the final
+        update (i = steps_run): evaluation uses it for per-step metrics (the oracle best step).
+        Returns the final prediction (all pixels, no autograd graph) and the report.
+        """
+        cfg = cfg or self.cfg
+        method = self.method if cfg.method == self.cfg.method else get_method(cfg.method)
+        model = self.model
+        chosen = select_parameters(model, cfg.params)
+        report = AdaptationReport(
+            recipe=self.recipe_name if cfg is self.cfg else cfg.name, method=cfg.method, mode=cfg.mode,
+            params=cfg.params, params_adapted=sum(p.numel() for p in chosen.values()),
+            steps_requested=cfg.steps, device=str(image.device),
+        )
+        t0 = time.perf_counter()
+        start_state = self._snapshot()  # on the model's device; restores episodic calls and failures
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        ok = False
+        try:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in chosen)
+            params = list(chosen.values())
+            key = tuple(chosen)
+            if cfg.mode == "continual" and self._optimizer is not None and self._opt_key == key:
+                opt = self._optimizer
+            else:
+                opt = _build_optimizer(params, cfg)
+            frozen_encoder = not any(n.startswith("encoder.") for n in chosen)
+            features = None
+            if frozen_encoder:  # the encoder's output cannot change: compute it once for every step
+                with torch.no_grad():
+                    features = model.encode(image)
+            report.timings["setup_s"] = time.perf_counter() - t0
+
+            t_loop = time.perf_counter()
+            gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+            n_pix = image.shape[-1] * image.shape[-2]
+            n_sub = max(1, round(n_pix * cfg.pixel_fraction))
+            last_good = [p.detach().clone() for p in params]
+            best, since_best = float("inf"), 0
+            for step in range(cfg.steps):
+                idx = None
+                if n_sub < n_pix:
+                    idx = torch.randperm(n_pix, generator=gen)[:n_sub].to(image.device)
+                with torch.enable_grad():
+                    out = model.forward_features(features, idx) if features is not None else model(image, idx)
+                    loss = method.loss(out, image_targets(image, idx))
+                if on_step is not None:
+                    on_step(step, out if idx is None else self._full_forward(image, features))
+                value = float(loss.detach())
+                report.losses.append(value)
+                if not torch.isfinite(loss):
+                    self._rollback(params, last_good, report, f"non-finite loss at step {step}")
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad for p in params if p.grad is not None]
+                if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+                    self._rollback(params, last_good, report, f"non-finite gradient at step {step}")
+                    break
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    self._rollback(params, last_good, report, f"non-finite weights after step {step}")
+                    break
+                with torch.no_grad():
+                    torch._foreach_copy_(last_good, [p.detach() for p in params])
+                report.steps_run = step + 1
+                if cfg.early_stop_patience is not None:
+                    if value < best * (1 - cfg.early_stop_min_delta):
+                        best, since_best = value, 0
+                    else:
+                        since_best += 1
+                        if since_best >= cfg.early_stop_patience:
+                            report.stopped_early = True
+                            break
+            report.timings["adapt_s"] = time.perf_counter() - t_loop
+
+            t_pred = time.perf_counter()
+            final = self._full_forward(image, features)
+            target = image_targets(image)
+            with torch.no_grad():
+                report.final_loss = float(method.loss(final, target))
+            if on_step is not None:
+                on_step(report.steps_run, final)
+            report.timings["predict_s"] = time.perf_counter() - t_pred
+            if cfg.mode == "continual":
+                self._optimizer, self._opt_key = opt, key
+            ok = True
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+                p.grad = None
+            if cfg.mode == "episodic" or not ok:
+                self._restore(start_state)
+        report.timings["total_s"] = time.perf_counter() - t0
+        return final, report
+
+    def _full_forward(self, image: torch.Tensor, features: torch.Tensor | None) -> SegmenterOutput:
+        with torch.no_grad():
+            return self.model.forward_features(features) if features is not None else self.model(image)
+
+    @staticmethod
+    def _rollback(params: list[nn.Parameter], last_good: list[torch.Tensor], report: AdaptationReport, why: str) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, last_good)
+        report.rolled_back = True
+        report.rollback_reason = why
+        log.warning("adaptation rolled back to the last good weights: %s", why)

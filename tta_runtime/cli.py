@@ -1,0 +1,273 @@
+"""`tta-runtime`: the command line.
+
+    tta-runtime demo                 adapt the default model on the bundled OOD sample; print, write an overlay
+    tta-runtime list                 shipped models and recipes
+    tta-runtime info [MODEL]         a model's card
+    tta-runtime predict IMAGE ...    segment (and optionally adapt on) your own image
+    tta-runtime eval --json PATH     before/after adaptation metrics per split, with bootstrap intervals
+    tta-runtime train --out DIR      train a slot segmenter on generated scenes (resumable)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TTARuntimeError
+
+log = logging.getLogger("tta_runtime")
+
+
+def sample_image_path() -> Path:
+    """The bundled out-of-distribution sample (a textured-background scene, 96x96)."""
+    return Path(str(resources.files("tta_runtime") / "assets" / "ood_sample.png"))
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import Runtime
+    from .visual import loss_curve, mask_grid, panel, save_png
+
+    image = args.image or sample_image_path()
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.recipe:
+        overrides["recipe"] = args.recipe
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    rt = Runtime.from_pretrained(args.model, **overrides)
+    print(f"model   {rt.name}  ({rt.card.segmenter.num_slots} slots, {rt.input_size}x{rt.input_size} input, device {rt.device})")
+    print(f"recipe  {rt.recipe.name}: {rt.recipe.description}")
+    print(f"image   {image}")
+    before = rt.predict(image)
+    verdict = "out of distribution" if before.ood_score > 3 else "in distribution"
+    print(f"OOD     score {before.ood_score:+.2f} ({before.ood_scorer}; ~0 in distribution, > 3 is far out) -> {verdict}")
+    after = rt.adapt_and_predict(image, on_step=_progress_callback(rt.recipe.steps) if args.progress else None)
+    rep = after.adaptation
+    assert rep is not None  # adapt_and_predict always reports
+    print()
+    print(f"{'':14}{'before':>10}{'after':>10}")
+    print(f"{'recon MSE':14}{before.recon_mse:>10.5f}{rep.final_loss if rep.method == 'slot_reconstruction' else after.recon_mse:>10.5f}")
+    print(f"{'slots used':14}{len(np.unique(before.segmentation)):>10d}{len(np.unique(after.segmentation)):>10d}")
+    changed = float((before.segmentation != after.segmentation).mean())
+    print(f"{'pixels moved':14}{'':>10}{changed:>10.1%}")
+    print(
+        f"adapted {rep.params_adapted:,} parameters for {rep.steps_run} steps in {_fmt_seconds(rep.timings['adapt_s'])}"
+        + (" (stopped early)" if rep.stopped_early else "")
+        + (f"; ROLLED BACK: {rep.rollback_reason}" if rep.rolled_back else "")
+    )
+    out = Path(args.out)
+    scale = max(1, 192 // max(before.image.shape[:2]))
+    picture = panel(
+        [
+            ("input", before.image),
+            ("masks before", before.overlay()),
+            ("masks after", after.overlay()),
+            ("reconstruction after", (after.reconstruction * 255).round().astype(np.uint8)),
+        ],
+        scale=scale,
+    )
+    save_png(out / "overlay.png", picture)
+    save_png(out / "loss.png", loss_curve(rep.losses, title=f"{rep.method} loss per step"))
+    save_png(out / "slots_after.png", mask_grid(after.masks))
+    (out / "result.json").write_text(json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2))
+    print(f"wrote   {out / 'overlay.png'} (input | masks before | masks after | reconstruction), loss.png, slots_after.png, result.json")
+    return 0
+
+
+def _progress_callback(total: int):  # noqa: ANN202 - returns a closure
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="adapting", leave=False)
+
+    def on_step(step: int, out: Any) -> None:
+        if step < total:
+            bar.update(1)
+        else:
+            bar.close()
+
+    return on_step
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .hub import DEFAULT_MODEL, list_models, list_recipes
+
+    print("models:  " + ", ".join(f"{m}{' (default)' if m == DEFAULT_MODEL else ''}" for m in list_models()))
+    print("recipes: " + ", ".join(list_recipes()))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .hub import find_model, load_card
+
+    card = load_card(find_model(args.model))
+    print(json.dumps(card.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from . import Runtime
+    from .visual import save_png
+
+    rt = Runtime.from_pretrained(args.model, device=args.device, **({"recipe": args.recipe} if args.recipe else {}))
+    res = rt.adapt_and_predict(args.image) if args.adapt else rt.predict(args.image)
+    print(json.dumps(res.to_dict(), indent=2))
+    if args.overlay:
+        save_png(args.overlay, res.overlay())
+        print(f"wrote {args.overlay}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import Runtime
+    from .evaluate import TEST_SEED, evaluate, strip_timing
+    from .scenes import SPLITS
+
+    rt = Runtime.from_pretrained(args.model, device=args.device)
+    splits = args.splits.split(",") if args.splits else list(SPLITS)
+    report = evaluate(
+        rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
+        recipe=args.recipe, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps, progress=True,
+    )
+    report["command"] = "tta-runtime eval " + " ".join(shlex.quote(a) for a in args.argv)
+    _print_eval_table(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.check:
+        expected = json.loads(Path(args.check).read_text())
+        a, b = strip_timing(expected), strip_timing(report)
+        a.pop("command", None)
+        b.pop("command", None)
+        if a != b:
+            print(f"MISMATCH: the evaluation differs from {args.check}", file=sys.stderr)
+            return 1
+        print(f"reproduced {args.check} exactly (timings excluded)")
+    return 0
+
+
+def _print_eval_table(report: dict[str, Any]) -> None:
+    head = f"{'split':22}{'n':>4}  {'FG-ARI before':>14}{'Slot-TTA':>10}{'entropy':>10}{'oracle':>10}  {'gain 95% CI':>20}{'s/img':>8}"
+    print(head)
+    print("-" * len(head))
+    for split, r in report["splits"].items():
+        def cell(v: str) -> str:
+            return f"{r[v]['fg_ari']['mean']:.3f}" if v in r else "-"
+
+        g = r["slot_tta_gain_fg_ari"]
+        ci = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f},{g['ci95'][1]:+.3f}]"
+        print(
+            f"{split:22}{r['n_images']:>4}  {cell('before'):>14}{cell('slot_tta'):>10}{cell('entropy'):>10}{cell('oracle'):>10}  "
+            f"{ci:>20}{r['timing'].get('slot_tta_seconds_per_image', 0):>8.2f}"
+        )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import SegmenterConfig
+    from .train import TrainConfig, train, write_model_folder
+
+    seg = SegmenterConfig(
+        resolution=args.resolution, num_slots=args.slots, encoder_channels=args.encoder_channels,
+    )
+    cfg = TrainConfig(
+        name=args.name, segmenter=seg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        pixel_fraction=args.pixel_fraction, mask_weight=args.mask_weight, mask_weight_final=args.mask_weight_final,
+        eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+    )
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+    model = train(cfg, run_dir, progress=True)
+    command = "tta-runtime train " + " ".join(shlex.quote(a) for a in args.argv)
+    out = write_model_folder(model, cfg, Path(args.out), command=command, run_dir=run_dir)
+    print(f"wrote model folder {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tta-runtime", description="Test-time adaptation runtime for slot-centric segmenters.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="adapt the default model on the bundled OOD sample image")
+    d.add_argument("--model", default=None, help="model name or folder (default: the default shipped model)")
+    d.add_argument("--image", default=None, help="image file (default: the bundled OOD sample)")
+    d.add_argument("--recipe", default=None, help="adaptation recipe name or .toml path (default: the card's)")
+    d.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--out", default="out/demo", help="folder for overlay.png, loss.png, result.json")
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+    d.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("list", help="shipped models and recipes").set_defaults(func=_cmd_list)
+
+    i = sub.add_parser("info", help="print a model's card")
+    i.add_argument("model", nargs="?", default=None)
+    i.set_defaults(func=_cmd_info)
+
+    pr = sub.add_parser("predict", help="segment one image (optionally adapting first)")
+    pr.add_argument("image")
+    pr.add_argument("--model", default=None)
+    pr.add_argument("--adapt", action="store_true", help="adapt on the image before predicting")
+    pr.add_argument("--recipe", default=None)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--overlay", default=None, help="write the mask overlay PNG here")
+    pr.set_defaults(func=_cmd_predict)
+
+    e = sub.add_parser("eval", help="before/after adaptation metrics per split")
+    e.add_argument("--model", default=None)
+    e.add_argument("--splits", default=None, help="comma-separated (default: all)")
+    e.add_argument("--n-images", type=int, default=24)
+    e.add_argument("--seed", type=int, default=None, help="test-scene seed (default 2026)")
+    e.add_argument("--recipe", default="slot_tta")
+    e.add_argument("--baseline", default="entropy", help="baseline recipe, or 'none'")
+    e.add_argument("--steps", type=int, default=None, help="override both recipes' step count")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", default=None, help="write the report here")
+    e.add_argument("--check", default=None, help="compare with this report (timings excluded); exit 1 if it differs")
+    e.set_defaults(func=_cmd_eval)
+
+    t = sub.add_parser("train", help="train a slot segmenter on generated scenes (resumable)")
+    t.add_argument("--out", required=True, help="model folder to write (card.json + weights.safetensors)")
+    t.add_argument("--name", default="slot-shapes-32")
+    t.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/NAME); re-run to resume")
+    t.add_argument("--steps", type=int, default=12_000)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--resolution", type=int, default=32)
+    t.add_argument("--slots", type=int, default=8)
+    t.add_argument("--encoder-channels", type=int, default=32)
+    t.add_argument("--pixel-fraction", type=float, default=0.25)
+    t.add_argument("--mask-weight", type=float, default=1.0)
+    t.add_argument("--mask-weight-final", type=float, default=0.1)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--ckpt-every", type=int, default=250)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except TTARuntimeError as e:  # our own errors already say what to do: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Validated configuration: model cards, adaptation recipes and runtime options.
+
+Everything here is a frozen pydantic v2 model that rejects unknown keys, so a typo in a card, a recipe
+or an override fails loudly with the field's name instead of being ignored. A component receives only
+its own section (the segmenter gets `SegmenterConfig`, the adaptation loop gets `AdaptConfig`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SegmenterConfig(_Frozen):
+    """Architecture of the slot-centric segmenter (Slot-TTA's 2D model; paper values in brackets)."""
+
+    resolution: int = Field(128, ge=8, le=512, description="square input size in pixels [128]")
+    num_slots: int = Field(11, ge=2, le=64, description="slots K [11]")
+    slot_dim: int = Field(64, ge=8, le=1024, description="slot and feature width [64]")
+    iters: int = Field(3, ge=1, le=10, description="slot-attention iterations [3]")
+    encoder_channels: int = Field(64, ge=4, le=512, description="channels of every encoder conv [64]")
+    encoder_layers: int = Field(4, ge=1, le=8, description="number of encoder convs [4]")
+    encoder_kernel: int = Field(5, ge=1, le=9, description="encoder conv kernel size, odd [5]")
+    decoder_width: int = Field(64, ge=8, le=1024, description="coordinate-MLP width [64]")
+    decoder_blocks: int = Field(4, ge=1, le=8, description="residual blocks in the decoder [4]")
+
+    @field_validator("encoder_kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"encoder_kernel must be odd so 'same' padding keeps the size, got {v}")
+        return v
+
+
+class Preprocessing(_Frozen):
+    """How an image becomes the model's input tensor."""
+
+    size: int = Field(ge=8, le=512, description="square side the image is resized to")
+    scale: Literal["unit"] = Field("unit", description="pixels mapped to [0, 1] (uint8 / 255)")
+
+
+class WeightsSpec(_Frozen):
+    file: str = Field(description="weights file name inside the model folder (.safetensors or .pt)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class OODStats(_Frozen):
+    """In-distribution statistics of the per-image reconstruction MSE, for the default OOD score."""
+
+    recon_mse_mean: float = Field(ge=0)
+    recon_mse_std: float = Field(gt=0)
+    n_images: int = Field(ge=1)
+    split: str = "in_dist"
+
+
+class ModelCard(_Frozen):
+    """A shipped model's card (`card.json` in its folder)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    task: Literal["segmentation"] = "segmentation"
+    architecture: Literal["slot_segmenter"] = "slot_segmenter"
+    description: str = ""
+    segmenter: SegmenterConfig
+    preprocessing: Preprocessing
+    weights: WeightsSpec
+    default_recipe: str = "slot_tta"
+    ood: OODStats | None = None
+    training: dict[str, Any] = Field(default_factory=dict, description="provenance: command, seed, steps, data, time")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if self.preprocessing.size != self.segmenter.resolution:
+            raise ValueError(
+                f"preprocessing.size ({self.preprocessing.size}) must equal segmenter.resolution "
+                f"({self.segmenter.resolution})"
+            )
+        return self
+
+
+ParamSelection = Literal["all", "norm", "no_encoder", "decoder"]
+
+
+class AdaptConfig(_Frozen):
+    """One adaptation recipe: what to minimise, which parameters, which optimizer, how long.
+
+    Levers that trade fidelity for speed (pixel subsets, early stop) default to off, so the faithful
+    Slot-TTA recipe is the default behaviour.
+    """
+
+    name: str = "custom"
+    description: str = ""
+    method: str = Field("slot_reconstruction", description="registered method name (see tta_runtime.methods)")
+    params: str = Field(
+        "all",
+        description="'all', 'norm' (norm-layer affine only), 'no_encoder' (encoder frozen and run once), "
+        "'decoder', or 're:<regex>' matched against parameter names",
+    )
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(5e-4, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(150, ge=0, le=100_000)
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm; None = no clipping")
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="stop after this many steps without improving the loss by early_stop_min_delta"
+    )
+    early_stop_min_delta: float = Field(1e-4, ge=0, description="relative loss improvement that counts")
+    pixel_fraction: float = Field(
+        1.0, gt=0, le=1, description="fraction of pixels decoded and scored per step (1.0 = all pixels)"
+    )
+    mode: Literal["episodic", "continual"] = "episodic"
+    seed: int = Field(0, description="seeds pixel subsets; the model itself is deterministic")
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: str) -> str:
+        if v in ("all", "norm", "no_encoder", "decoder"):
+            return v
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"params regex {v[3:]!r} does not compile: {e}") from e
+            return v
+        raise ValueError(
+            f"params must be 'all', 'norm', 'no_encoder', 'decoder' or 're:<regex>', got {v!r}"
+        )
+
+
+class RuntimeOptions(_Frozen):
+    """Options of a `Runtime` that are not part of the model or the recipe."""
+
+    device: str = "cpu"
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest accepted input, in pixels (H*W)")
+    recipe: str = Field("slot_tta", description="recipe name in adapters/ or a path to a recipe .toml")
+    mode: Literal["episodic", "continual"] | None = Field(
+        None, description="overrides the recipe's mode when set"
+    )
+
+
+def format_validation_error(err: ValidationError, what: str) -> str:
+    """Turn a pydantic error into one readable message: field, value received, what was expected."""
+    lines = [f"invalid {what}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        got = e.get("input")
+        got_s = repr(got)
+        if len(got_s) > 80:
+            got_s = got_s[:77] + "..."
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown field (got {got_s}); check the spelling")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {got_s})")
+    return "\n".join(lines)
+
+
+def validate(model: type[_Frozen], data: Any, what: str) -> Any:
+    """`model.model_validate(data)` with errors turned into `ConfigError` messages."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, what)) from None
+
+
+def with_overrides(cfg: _Frozen, overrides: dict[str, Any], what: str) -> Any:
+    """A copy of a frozen config with fields replaced, validated like a fresh one."""
+    if not overrides:
+        return cfg
+    data = cfg.model_dump()
+    data.update(overrides)
+    return validate(type(cfg), data, what)

@@ -1,0 +1,492 @@
+"""The image door: whatever a user hands to ``predict`` becomes one model-sized RGB tensor.
+
+``prepare_image`` takes one image in any of the forms people actually have at hand and returns a
+:class:`PreparedImage`: a ``(1, 3, H, W)`` float32 tensor in [0, 1] at the model's input size, plus the
+image at its own resolution as uint8 RGB for overlays. Anything it cannot take raises
+:class:`~tta_runtime.errors.InvalidInputError` naming what was received (type, dtype, shape) and what
+is expected, before any model work starts.
+
+Accepted inputs
+---------------
+* numpy ``HxWx3`` (RGB, or BGR with ``channel_order="bgr"``), ``HxW`` / ``HxWx1`` grayscale (replicated
+  to three channels), ``HxWx4`` RGBA (BGRA with ``"bgr"``). The alpha channel is ignored: the colour
+  channels are used as they are, not composited over any background.
+* dtypes: uint8 (0..255), uint16 (0..65535, divided by 65535), float16/32/64 in [0, 1], and other
+  integer dtypes when every value is in 0..255 (read as uint8). bool, complex and object are refused.
+* torch tensors ``(3, H, W)``, ``(1, 3, H, W)``, grayscale ``(H, W)``, ``(1, H, W)``, ``(1, 1, H, W)``
+  and ``(4, H, W)`` / ``(1, 4, H, W)`` with alpha ignored; float in [0, 1] or uint8. Any device, with or
+  without grad: the tensor is detached and copied to the CPU. ``channel_order`` applies to tensors as
+  to numpy arrays.
+* a path (``str`` or ``os.PathLike``) to an image file OpenCV can decode (PNG, JPEG, BMP, TIFF, WebP,
+  ...), 8 or 16 bit, gray or colour, EXIF orientation applied. ``channel_order`` is ignored for files:
+  the file format defines the channel order.
+* PIL images (PIL is only touched when the object comes from PIL). Their order is always RGB, so
+  ``channel_order`` is ignored for them too.
+
+OpenCV is needed for resizing and decoding; it is imported on first use so that ``import tta_runtime``
+works without it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Largest accepted image, in pixels (H * W), unless the ``max_pixels`` runtime option raises it."""
+
+_FLOAT_TOLERANCE = 1e-6  # float images slightly outside [0, 1] from rounding are clipped, not refused
+_CHANNEL_ORDERS = ("rgb", "bgr")
+_EXPECTED = (
+    "expected one image: a numpy HxWxC array (C = 3 RGB, 1 gray, 4 RGBA; or HxW gray) of uint8, uint16 "
+    "or float in [0, 1], a torch tensor (3, H, W) or (1, 3, H, W), a PIL image, or a path to an image file"
+)
+
+
+def _import_cv2() -> ModuleType:
+    """Import OpenCV on first use, with an error that says what to install when it is missing."""
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "tta_runtime needs OpenCV to decode and resize images: pip install opencv-python-headless"
+        ) from exc
+    return cv2
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for the model, and the same image at its own size for drawing.
+
+    Attributes:
+        tensor: (1, 3, S_h, S_w) float32 in [0, 1], RGB, on the CPU, resized to the model's input size.
+        original_size: (H, W) of the input as given.
+        original_rgb: (H, W, 3) uint8 RGB at the input's own resolution (``round(x * 255)`` for float
+            input). It is never a view of the caller's array.
+    """
+
+    tensor: torch.Tensor
+    original_size: tuple[int, int]
+    original_rgb: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def prepare_image(
+    image: Any,
+    *,
+    size: int | tuple[int, int],
+    channel_order: str = "rgb",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedImage:
+    """Turn one user image into the model's input tensor.
+
+    Args:
+        image: one image, in any of the forms listed in this module's docstring.
+        size: the model's input size, ``S`` for S x S or ``(S_h, S_w)``.
+        channel_order: ``"rgb"`` or ``"bgr"`` (OpenCV frames); the order of the colour channels of a
+            numpy array or tensor. Ignored for file paths and PIL images, whose order is known.
+        max_pixels: largest accepted H * W; bigger images are refused before they are converted.
+
+    Returns:
+        A :class:`PreparedImage` with ``tensor`` (1, 3, S_h, S_w) float32 in [0, 1], RGB.
+
+    Raises:
+        InvalidInputError: the image (or an argument) is not something this function can take.
+
+    Resizing uses area averaging on an axis that shrinks and bilinear interpolation on an axis that
+    grows. The caller's array is never modified.
+    """
+    out_hw = _check_size(size)
+    if channel_order not in _CHANNEL_ORDERS:
+        raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
+
+    array, order, what = _to_array(image, channel_order)
+    return _prepare_array(array, order, out_hw, max_pixels, what)
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize slot masks to another resolution, keeping them a distribution over slots.
+
+    Args:
+        masks: (K, h, w) float probabilities (K >= 1), normally summing to 1 over K.
+        size: target (H, W).
+
+    Returns:
+        (K, H, W) float32 in [0, 1], summing to 1 over K at every pixel (|sum - 1| < 1e-5). Bilinear
+        interpolation per slot, then clipped to >= 0 and renormalised; a pixel where every slot is 0
+        becomes uniform 1/K.
+    """
+    cv2 = _import_cv2()
+    if not isinstance(masks, np.ndarray) or masks.ndim != 3 or masks.size == 0:
+        raise ValueError(f"masks must be a non-empty (K, h, w) numpy array, got {_describe(masks)}")
+    if masks.dtype.kind not in "fiu":
+        raise ValueError(f"masks must be float probabilities, got dtype {masks.dtype}")
+    out_h, out_w = _check_size(size, error=ValueError)
+    k = masks.shape[0]
+    src = masks.astype(np.float32, copy=False)
+
+    out = np.empty((k, out_h, out_w), dtype=np.float32)
+    if src.shape[1:] == (out_h, out_w):
+        out[...] = src
+    else:
+        # One channel at a time, written straight into the (K, H, W) result: no HxWxK transpose at the
+        # large size, and no limit on K from OpenCV's channel count.
+        for i in range(k):
+            cv2.resize(
+                np.ascontiguousarray(src[i]), (out_w, out_h), dst=out[i], interpolation=cv2.INTER_LINEAR
+            )
+    np.maximum(out, 0.0, out=out)
+    total = out.sum(axis=0, keepdims=True)  # (1, H, W)
+    empty = total <= 0.0
+    if empty.any():
+        out[:, empty[0]] = 1.0 / k
+        total[empty] = 1.0
+    out /= total
+    return out
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a float image, e.g. a model reconstruction, to another resolution.
+
+    Args:
+        image: (h, w, 3) float (any real dtype; the values are not range-checked).
+        size: target (H, W).
+
+    Returns:
+        (H, W, 3) float32: bilinear on an axis that grows, area averaging on an axis that shrinks (plain
+        bilinear aliases badly when shrinking by more than 2x).
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+        raise ValueError(f"image must be a non-empty (h, w, 3) numpy array, got {_describe(image)}")
+    if image.dtype.kind not in "fiu":
+        raise ValueError(f"image must be a real-valued array, got dtype {image.dtype}")
+    out_hw = _check_size(size, error=ValueError)
+    return _resize(np.ascontiguousarray(image, dtype=np.float32), out_hw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every input kind becomes (array, channel order, description)
+
+
+def _to_array(image: Any, channel_order: str) -> tuple[np.ndarray, str, str]:
+    """Dispatch on the kind of input; return an (H, W) or (H, W, C) array with C in (1, 3, 4).
+
+    The array may be a view of the caller's data; later steps only read it.
+    """
+    if image is None:
+        raise InvalidInputError(f"got None; {_EXPECTED}")
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_array(image, channel_order)
+    if isinstance(image, np.ndarray):
+        return _check_numpy_layout(image, _describe(image)), channel_order, _describe(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(image)
+    if type(image).__module__.startswith("PIL"):
+        return _pil_to_array(image)
+    if isinstance(image, (list, tuple)):
+        raise InvalidInputError(
+            f"got a {type(image).__name__} of length {len(image)}; {_EXPECTED}. "
+            "For nested lists of pixel values use np.asarray(x, dtype=np.uint8); predict takes one image "
+            "at a time, not a list of images"
+        )
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            f"got {type(image).__name__}; {_EXPECTED}. For encoded image bytes use "
+            "cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) and channel_order='bgr'"
+        )
+    raise InvalidInputError(f"got {_describe(image)}; {_EXPECTED}")
+
+
+def _check_numpy_layout(arr: np.ndarray, what: str) -> np.ndarray:
+    """Check dtype kind, ndim, channel count and emptiness of a numpy image; return it unchanged."""
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise InvalidInputError(
+            f"got {what}; bool images are ambiguous (0/1 or 0/255?): convert to uint8 (x * 255) or float"
+        )
+    if kind == "c":
+        raise InvalidInputError(f"got {what}; complex images are not accepted: pass the real part or abs()")
+    if kind not in "uif":
+        raise InvalidInputError(f"got {what}; numeric pixels are expected (uint8, uint16 or float)")
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        raise InvalidInputError(
+            f"got {what}; numpy images must be HxWxC without a batch axis: pass arr[0]"
+        )
+    if arr.ndim == 4:
+        raise InvalidInputError(
+            f"got {what}; predict takes one image, not a batch of {arr.shape[0]}: pass one HxWxC image"
+        )
+    if arr.ndim not in (2, 3):
+        raise InvalidInputError(f"got {what}; numpy images must be HxWxC (or HxW gray), got {arr.ndim}-D")
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
+        if arr.shape[0] in (1, 3, 4):
+            raise InvalidInputError(
+                f"got {what}; it looks channels-first; numpy images must be HxWxC — use "
+                "arr.transpose(1, 2, 0)"
+            )
+        raise InvalidInputError(
+            f"got {what}; numpy images must be HxWxC with C = 3 (RGB), 1 (gray) or 4 (RGBA), "
+            f"got C = {arr.shape[2]}"
+        )
+    if arr.size == 0:
+        raise InvalidInputError(f"got {what}; the image is empty (a zero-sized axis)")
+    return arr
+
+
+def _tensor_to_array(tensor: torch.Tensor, channel_order: str) -> tuple[np.ndarray, str, str]:
+    """A (C, H, W) / (1, C, H, W) / (H, W) tensor -> an (H, W, C) numpy view on the CPU."""
+    what = _describe(tensor)
+    t = tensor.detach()
+    if t.dtype == torch.bool:
+        raise InvalidInputError(
+            f"got {what}; bool images are ambiguous (0/1 or 0/255?): convert to uint8 or float"
+        )
+    if t.is_complex():
+        raise InvalidInputError(f"got {what}; complex images are not accepted: pass the real part or abs()")
+    if not (t.is_floating_point() or t.dtype in _TORCH_INT_DTYPES):
+        raise InvalidInputError(f"got {what}; numeric pixels are expected (uint8 or float)")
+
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise InvalidInputError(
+                f"got {what}; predict takes one image, not a batch of {t.shape[0]}: pass t[i] "
+                "(batches come later)"
+            )
+        t = t[0]
+    if t.ndim == 2:
+        t = t[None]  # (1, H, W) gray
+    if t.ndim != 3:
+        raise InvalidInputError(f"got {what}; tensors must be (3, H, W) or (1, 3, H, W), got {tensor.ndim}-D")
+    if t.shape[0] not in (1, 3, 4):
+        if t.shape[-1] in (1, 3, 4):
+            raise InvalidInputError(
+                f"got {what}; it looks channels-last; tensors must be CxHxW — use t.permute(2, 0, 1)"
+            )
+        raise InvalidInputError(
+            f"got {what}; tensors must be (3, H, W) or (1, 3, H, W) (or 1 gray / 4 RGBA channels), "
+            f"got {t.shape[0]} channels"
+        )
+    if t.numel() == 0:
+        raise InvalidInputError(f"got {what}; the image is empty (a zero-sized axis)")
+
+    t = t.cpu()
+    if t.is_floating_point() and t.dtype != torch.float64:
+        t = t.float()  # numpy has no bfloat16; float16 is widened later anyway
+    return t.numpy().transpose(1, 2, 0), channel_order, what  # (H, W, C) view
+
+
+_TORCH_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _read_file(path: str | os.PathLike[str]) -> tuple[np.ndarray, str, str]:
+    """Decode an image file with OpenCV; return (H, W) or (H, W, 3) BGR, 8 or 16 bit."""
+    cv2 = _import_cv2()
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise InvalidInputError(f"got a bytes path {name!r}; pass the path as str or pathlib.Path")
+    if name == "" or name.isspace():
+        raise InvalidInputError(f"got the string {name!r}, which is not a path; {_EXPECTED}")
+    if not os.path.exists(name):
+        raise InvalidInputError(f"no such file: {name!r}")
+    if os.path.isdir(name):
+        raise InvalidInputError(f"{name!r} is a directory, not an image file")
+    try:
+        # fromfile + imdecode rather than imread: same decoders, but non-ASCII paths work everywhere.
+        data = np.fromfile(name, dtype=np.uint8)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {name!r}: {exc}") from exc
+    decoded = None
+    if data.size:
+        try:
+            # ANYDEPTH keeps 16-bit files 16-bit; ANYCOLOR keeps gray files gray and drops alpha. Unlike
+            # IMREAD_UNCHANGED, these flags apply the EXIF orientation, so phone photos come out upright.
+            decoded = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+        except cv2.error:
+            decoded = None
+    if decoded is None:
+        raise InvalidInputError(
+            f"{name!r} is not a readable image (PNG, JPEG, BMP, TIFF, WebP, ...): OpenCV could not decode "
+            f"its {data.size} bytes"
+        )
+    what = f"file {name!r} ({decoded.dtype}, shape {tuple(decoded.shape)})"
+    return _check_numpy_layout(decoded, what), "bgr", what
+
+
+# PIL modes whose numpy view is already something _prepare_array understands; everything else (palette,
+# 1-bit, CMYK, YCbCr, LA, ...) is converted to RGB by PIL first.
+_PIL_DIRECT_MODES = ("RGB", "RGBA", "L", "I;16", "I;16L", "I;16B", "I", "F")
+
+
+def _pil_to_array(image: Any) -> tuple[np.ndarray, str, str]:
+    """A PIL image -> (H, W) or (H, W, 3|4) numpy array, RGB."""
+    mode = getattr(image, "mode", None)
+    what = f"PIL image mode={mode!r} size={getattr(image, 'size', None)}"
+    try:
+        if mode not in _PIL_DIRECT_MODES:
+            image = image.convert("RGB")
+        arr = np.asarray(image)
+    except Exception as exc:  # PIL loads lazily: a truncated file fails here, with its own error types
+        raise InvalidInputError(f"could not read {what}: {exc}") from exc
+    return _check_numpy_layout(arr, what), "rgb", what
+
+
+# ----------------------------------------------------------------------------------------------------
+# One array -> PreparedImage
+
+
+def _prepare_array(
+    arr: np.ndarray, order: str, out_hw: tuple[int, int], max_pixels: int, what: str
+) -> PreparedImage:
+    """Validate pixel values, convert to RGB, resize, and build the PreparedImage."""
+    cv2 = _import_cv2()
+    given = arr  # may be (a view of) the caller's data: read it, never write it or hand it back
+    height, width = int(arr.shape[0]), int(arr.shape[1])
+    if height * width > max_pixels:
+        raise InvalidInputError(
+            f"got {what}: {height}x{width} = {height * width} pixels is more than max_pixels = "
+            f"{max_pixels}; downscale the image or raise the max_pixels runtime option"
+        )
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # OpenCV reads native byte order only
+
+    # Bring the pixels to a dtype OpenCV resizes natively (uint8, uint16, float32) and note the factor
+    # that maps that dtype to [0, 1]. uint8 stays uint8 through the resize: 4x less memory traffic.
+    kind = arr.dtype.kind
+    if arr.dtype == np.uint8:
+        scale = 1.0 / 255.0
+    elif arr.dtype == np.uint16:
+        scale = 1.0 / 65535.0
+    elif kind == "f":
+        _check_float_values(arr, what)
+        arr = arr.astype(np.float32, copy=False)
+        scale = 1.0
+    else:  # other integer dtypes, e.g. int64 from user code: fine when they hold 8-bit values
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > 255:
+            raise InvalidInputError(
+                f"got {what} with values in [{low}, {high}]; integer images must be uint8 (0..255) or "
+                "uint16 (0..65535): convert with arr.astype(np.uint8) if the values are 8-bit"
+            )
+        arr = arr.astype(np.uint8)
+        scale = 1.0 / 255.0
+
+    # OpenCV's Python binding cannot take every numpy layout (negative strides, sliced channels).
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+
+    rgb = _to_rgb(cv2, arr, order)  # (H, W, 3), the caller's own array when no conversion was needed
+    resized = _resize(rgb, out_hw)  # (S_h, S_w, 3), same dtype
+
+    chw = resized.transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S_h, S_w), fresh, contiguous
+    if scale != 1.0:
+        chw *= np.float32(scale)
+    np.clip(chw, 0.0, 1.0, out=chw)  # float input may sit up to 1e-6 outside [0, 1]
+    tensor = torch.from_numpy(chw)[None]  # (1, 3, S_h, S_w)
+
+    if rgb.dtype == np.uint8:
+        original = rgb.copy() if rgb is given else rgb  # an array we converted is already our own
+    else:
+        # round(x * 255) with saturation in one pass; abs() is harmless, values are >= -1e-6.
+        original = cv2.convertScaleAbs(rgb, alpha=255.0 * scale)
+    return PreparedImage(tensor=tensor, original_size=(height, width), original_rgb=original)
+
+
+def _check_float_values(arr: np.ndarray, what: str) -> None:
+    """Refuse NaN, Inf and values outside [0, 1] (with a small tolerance) in a float image."""
+    low, high = float(np.min(arr)), float(np.max(arr))  # min/max propagate NaN, so two passes suffice
+    if math.isnan(low) or math.isnan(high):
+        count = int(np.isnan(arr).sum())
+        raise InvalidInputError(f"got {what} containing {count} NaN values; images must be finite")
+    if math.isinf(low) or math.isinf(high):
+        count = int(np.isinf(arr).sum())
+        raise InvalidInputError(f"got {what} containing {count} Inf values; images must be finite")
+    if low < -_FLOAT_TOLERANCE or high > 1.0 + _FLOAT_TOLERANCE:
+        raise InvalidInputError(
+            f"got {what} with values in [{low:.6g}, {high:.6g}]; float images must be in [0, 1]. "
+            "For 0..255 data divide by 255 (arr.astype(np.float32) / 255) or pass the uint8 array"
+        )
+
+
+def _to_rgb(cv2: ModuleType, arr: np.ndarray, order: str) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) in `order` -> (H, W, 3) RGB, same dtype."""
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    if channels == 3 and order == "rgb":
+        return arr
+    if channels == 1:
+        code = cv2.COLOR_GRAY2RGB
+    elif channels == 3:
+        code = cv2.COLOR_BGR2RGB
+    else:  # alpha is dropped, not composited: the colour channels are used as they are
+        code = cv2.COLOR_RGBA2RGB if order == "rgb" else cv2.COLOR_BGRA2RGB
+    return cv2.cvtColor(arr, code)
+
+
+def _resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Resize (h, w, C) to out_hw: area averaging on a shrinking axis, bilinear on a growing one.
+
+    Returns a new array (never `image` itself), same dtype.
+    """
+    cv2 = _import_cv2()
+    out_h, out_w = out_hw
+    in_h, in_w = image.shape[:2]
+    if (in_h, in_w) == (out_h, out_w):
+        return image.copy()
+    if out_h <= in_h and out_w <= in_w:
+        return _keep_channels(cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA), image)
+    if out_h >= in_h and out_w >= in_w:
+        return _keep_channels(cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR), image)
+    # One axis shrinks, the other grows: average along the shrinking axis first, then interpolate.
+    mid = cv2.resize(image, (min(in_w, out_w), min(in_h, out_h)), interpolation=cv2.INTER_AREA)
+    mid = _keep_channels(mid, image)
+    return _keep_channels(cv2.resize(mid, (out_w, out_h), interpolation=cv2.INTER_LINEAR), image)
+
+
+def _keep_channels(resized: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """cv2.resize drops a trailing axis of size 1; put it back so shapes stay (H, W, C)."""
+    if source.ndim == 3 and resized.ndim == 2:
+        return resized[:, :, None]
+    return resized
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_size(
+    size: object, *, error: type[ValueError] = InvalidInputError
+) -> tuple[int, int]:
+    """``S`` or ``(H, W)`` of positive ints -> (H, W)."""
+    pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if len(pair) != 2 or not all(_is_positive_int(v) for v in pair):
+        raise error(f"size must be an int S or a pair (H, W) of positive ints, got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _is_positive_int(value: object) -> bool:
+    """True for a positive int or numpy integer (bool excluded: True is not a size)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return is_int and int(value) > 0  # type: ignore[call-overload]
+
+
+def _describe(x: object) -> str:
+    """What a value is, for error messages: type, and dtype / shape / device where it has them."""
+    if isinstance(x, np.ndarray):
+        return f"numpy array dtype={x.dtype} shape={tuple(x.shape)}"
+    if isinstance(x, torch.Tensor):
+        return f"torch.Tensor dtype={x.dtype} shape={tuple(x.shape)} device={x.device}"
+    if isinstance(x, str):
+        return f"str {x!r}"
+    return "an object of type " + f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")

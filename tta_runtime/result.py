@@ -1,0 +1,66 @@
+"""What `Runtime.predict` and `Runtime.adapt_and_predict` return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .adapt import AdaptationReport
+
+
+@dataclass
+class Result:
+    """One image's prediction, at the input image's own resolution (H, W).
+
+    - `masks`: (K, H, W) float32 in [0, 1], summing to 1 over K (one soft mask per slot)
+    - `segmentation`: (H, W) int64 slot ids (argmax of `masks`)
+    - `reconstruction`: (H, W, 3) float32 in [0, 1], the model's rendering of the image
+    - `ood_score`: reconstruction error before adaptation, as a z-score against the model card's
+      in-distribution statistics (about 0 in distribution; higher = more out of distribution)
+    - `adaptation`: what the adaptation did (None for `predict`)
+    """
+
+    masks: np.ndarray
+    segmentation: np.ndarray
+    reconstruction: np.ndarray | None
+    ood_score: float
+    ood_scorer: str
+    recon_mse: float
+    image: np.ndarray = field(repr=False)  # (H, W, 3) uint8 RGB input, for overlays
+    model: str = ""
+    device: str = "cpu"
+    backend: str = "torch"
+    adaptation: AdaptationReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.masks.shape[0])
+
+    def overlay(self, alpha: float = 0.5, outlines: bool = True) -> np.ndarray:
+        """(H, W, 3) uint8 RGB: the input with each slot's region tinted and outlined."""
+        from .visual import overlay_masks
+
+        return overlay_masks(self.image, self.masks, alpha=alpha, outlines=outlines)
+
+    def to_dict(self, arrays: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; `arrays=True` adds the masks and segmentation as nested lists."""
+        out: dict[str, Any] = {
+            "model": self.model,
+            "device": self.device,
+            "backend": self.backend,
+            "image_size": list(self.segmentation.shape),
+            "num_slots": self.num_slots,
+            "slots_used": int(len(np.unique(self.segmentation))),
+            "ood_score": self.ood_score,
+            "ood_scorer": self.ood_scorer,
+            "recon_mse": self.recon_mse,
+            "timings": dict(self.timings),
+            "adaptation": None if self.adaptation is None else self.adaptation.to_dict(),
+        }
+        if arrays:
+            out["masks"] = self.masks.tolist()
+            out["segmentation"] = self.segmentation.tolist()
+        return out

@@ -1,0 +1,198 @@
+"""The runtime: one request read top to bottom.
+
+image -> prepare (validate, RGB, resize to the card's size) -> segmenter forward (frozen path, OOD score)
+-> [adaptation loop: recipe's loss on the image, gradient steps, episodic reset] -> masks mapped back to
+the image's own size -> `Result`.
+
+Thread safety: a `Runtime` owns one model; every call takes the runtime's lock for its whole duration,
+so concurrent calls run one after another and each sees exactly the state it would see alone (in
+episodic mode: the loaded weights). For parallel throughput, create one `Runtime` per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapt import Adapter, StepCallback
+from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
+from .errors import ConfigError, ModelLoadError
+from .hub import find_model, load_card, load_recipe, load_weights
+from .inputs import prepare_image, resize_image, resize_masks
+from .result import Result
+from .segmenter import SegmenterOutput, SlotSegmenter
+
+log = logging.getLogger(__name__)
+
+_RUNTIME_KEYS = set(RuntimeOptions.model_fields)
+_RECIPE_KEYS = set(AdaptConfig.model_fields)
+
+
+def _resolve_device(name: str) -> torch.device:
+    """The requested device, or a clear error: never a silent fallback to the CPU."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {name!r} is not a torch device name ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available here; use device='cpu'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device type {device.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    return device
+
+
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = set(overrides) - _RUNTIME_KEYS - _RECIPE_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)}; runtime options: {sorted(_RUNTIME_KEYS)}; "
+            f"recipe fields: {sorted(_RECIPE_KEYS - {'name', 'description'})}"
+        )
+    runtime = {k: v for k, v in overrides.items() if k in _RUNTIME_KEYS}
+    recipe = {k: v for k, v in overrides.items() if k not in _RUNTIME_KEYS}
+    return runtime, recipe
+
+
+class Runtime:
+    """A loaded model plus its adaptation recipe. Build with `Runtime.from_pretrained`."""
+
+    def __init__(
+        self, model: SlotSegmenter, card: ModelCard, *, options: RuntimeOptions | None = None,
+        recipe: AdaptConfig | None = None, folder: Path | None = None,
+    ) -> None:
+        self.options = options or RuntimeOptions()
+        self.card = card
+        self.folder = folder
+        self.device = _resolve_device(self.options.device)
+        self.model = model.to(self.device).eval()
+        recipe = recipe or load_recipe(self.options.recipe)
+        if self.options.mode is not None:
+            recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
+        self.recipe = recipe
+        self._adapter = Adapter(self.model, recipe)
+        self._lock = threading.Lock()
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str] | None = None, **overrides: Any) -> Runtime:
+        """Load a model by repository name (None = the default model), folder, card or weights path.
+
+        `overrides` are runtime options (`device`, `max_pixels`, `recipe`, `mode`) or recipe fields
+        (`steps`, `lr`, `params`, ...), validated; unknown names raise `ConfigError`.
+        """
+        runtime_kw, recipe_kw = _split_overrides(overrides)
+        options = validate(RuntimeOptions, runtime_kw, "runtime options")
+        folder = find_model(name_or_path)
+        card = load_card(folder)
+        if "recipe" not in runtime_kw:
+            options = with_overrides(options, {"recipe": card.default_recipe}, "runtime options")
+        recipe = load_recipe(options.recipe, **recipe_kw)
+        model = SlotSegmenter(card.segmenter)
+        state = load_weights(folder, card)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
+        return cls(model, card, options=options, recipe=recipe, folder=folder)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def input_size(self) -> int:
+        return self.card.preprocessing.size
+
+    # -- requests ----------------------------------------------------------------------------------
+    def predict(self, image: Any, *, channel_order: str = "rgb") -> Result:
+        """Segment one image without adapting. See `Result` for shapes and ranges."""
+        t0 = time.perf_counter()
+        prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
+        x = prepared.tensor.to(self.device)
+        t_prep = time.perf_counter() - t0
+        with self._lock, torch.inference_mode():
+            t1 = time.perf_counter()
+            out = self.model(x)
+            t_fwd = time.perf_counter() - t1
+        mse = self._recon_mse(out, x)
+        return self._result(out, prepared, mse, None, {"preprocess_s": t_prep, "forward_s": t_fwd})
+
+    def adapt_and_predict(
+        self, image: Any, *, channel_order: str = "rgb", on_step: StepCallback | None = None, **overrides: Any
+    ) -> Result:
+        """Adapt to one image with the runtime's recipe (fields overridable per call), then segment it.
+
+        In episodic mode (default) the model's parameters and buffers are bit-exact afterwards; in
+        continual mode the adapted state carries over to the next call until `reset()`.
+        """
+        t0 = time.perf_counter()
+        recipe = self._recipe_for(overrides)
+        prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
+        x = prepared.tensor.to(self.device)
+        t_prep = time.perf_counter() - t0
+        with self._lock:
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                before = self.model(x)  # the OOD score is about the input before adaptation
+            mse_before = self._recon_mse(before, x)
+            t_fwd = time.perf_counter() - t1
+            final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
+        result = self._result(final, prepared, mse_before, report, {"preprocess_s": t_prep, "forward_s": t_fwd})
+        result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
+        return result
+
+    def reset(self) -> None:
+        """Back to the loaded weights (continual mode); a no-op in effect for episodic use."""
+        with self._lock:
+            self._adapter.reset()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _recipe_for(self, overrides: dict[str, Any]) -> AdaptConfig:
+        if not overrides:
+            return self.recipe
+        overrides = dict(overrides)
+        base = self.recipe
+        if "recipe" in overrides:
+            base = load_recipe(overrides.pop("recipe"))
+        unknown = set(overrides) - _RECIPE_KEYS
+        if unknown:
+            raise ConfigError(f"unknown adaptation option(s) {sorted(unknown)}; recipe fields: {sorted(_RECIPE_KEYS)}")
+        return with_overrides(base, overrides, "recipe")
+
+    @staticmethod
+    def _recon_mse(out: SegmenterOutput, x: torch.Tensor) -> float:
+        target = x.flatten(2).transpose(1, 2)
+        return float(((out.reconstruction - target) ** 2).mean())
+
+    def _ood_score(self, mse: float) -> tuple[float, str]:
+        stats = self.card.ood
+        if stats is None:
+            return mse, "recon_mse"
+        return (mse - stats.recon_mse_mean) / stats.recon_mse_std, "recon_mse_z"
+
+    def _result(self, out: SegmenterOutput, prepared: Any, mse: float, report: Any, timings: dict[str, float]) -> Result:
+        s = self.input_size
+        h, w = prepared.original_size
+        masks = out.masks[0].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
+        recon = out.reconstruction[0].detach().float().cpu().numpy().reshape(s, s, 3)
+        masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
+        recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
+        score, scorer = self._ood_score(mse)
+        return Result(
+            masks=masks.astype(np.float32, copy=False),
+            segmentation=masks.argmax(0).astype(np.int64),
+            reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
+            ood_score=float(score), ood_scorer=scorer, recon_mse=mse, image=prepared.original_rgb,
+            model=self.name, device=str(self.device), backend="torch", adaptation=report, timings=timings,
+        )
