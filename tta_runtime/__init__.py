@@ -14,7 +14,7 @@ from __future__ import annotations
 from .adapt import AdaptationReport
 from .config import AdaptConfig, ModelCard
 from .errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
-from .hub import list_models, list_recipes, load_recipe
+from .hub import list_models, list_recipes, load_recipe, sample_image_path
 from .result import Result
 from .runtime import Runtime
 
@@ -34,4 +34,5 @@ __all__ = [
     "list_models",
     "list_recipes",
     "load_recipe",
+    "sample_image_path",
 ]

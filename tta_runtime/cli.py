@@ -15,20 +15,15 @@ import json
 import logging
 import shlex
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import TTARuntimeError
+from .hub import sample_image_path
 
 log = logging.getLogger("tta_runtime")
-
-
-def sample_image_path() -> Path:
-    """The bundled out-of-distribution sample (a textured-background scene, 96x96)."""
-    return Path(str(resources.files("tta_runtime") / "assets" / "ood_sample.png"))
 
 
 def _fmt_seconds(s: float) -> str:
@@ -133,20 +128,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import TEST_SEED, evaluate, strip_timing
     from .scenes import SPLITS
 
+    expected = json.loads(Path(args.check).read_text()) if args.check else None  # before --json may overwrite it
     rt = Runtime.from_pretrained(args.model, device=args.device)
     splits = args.splits.split(",") if args.splits else list(SPLITS)
     report = evaluate(
         rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
         recipe=args.recipe, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps, progress=True,
     )
-    report["command"] = "tta-runtime eval " + " ".join(shlex.quote(a) for a in args.argv)
+    report["command"] = "tta-runtime " + shlex.join(args.argv)
     _print_eval_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
-    if args.check:
-        expected = json.loads(Path(args.check).read_text())
+    if expected is not None:
         a, b = strip_timing(expected), strip_timing(report)
         a.pop("command", None)
         b.pop("command", None)
@@ -174,20 +169,26 @@ def _print_eval_table(report: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import SegmenterConfig
+    from .config import SegmenterConfig, validate
     from .train import TrainConfig, train, write_model_folder
 
-    seg = SegmenterConfig(
-        resolution=args.resolution, num_slots=args.slots, encoder_channels=args.encoder_channels,
+    seg = validate(
+        SegmenterConfig,
+        {"resolution": args.resolution, "num_slots": args.slots, "encoder_channels": args.encoder_channels},
+        "train options",
     )
-    cfg = TrainConfig(
-        name=args.name, segmenter=seg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        pixel_fraction=args.pixel_fraction, mask_weight=args.mask_weight, mask_weight_final=args.mask_weight_final,
-        eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+    cfg = validate(
+        TrainConfig,
+        {
+            "name": args.name, "segmenter": seg, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "seed": args.seed, "pixel_fraction": args.pixel_fraction, "mask_weight": args.mask_weight,
+            "mask_weight_final": args.mask_weight_final, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
+        },
+        "train options",
     )
     run_dir = Path(args.run_dir or f"runs/{cfg.name}")
     model = train(cfg, run_dir, progress=True)
-    command = "tta-runtime train " + " ".join(shlex.quote(a) for a in args.argv)
+    command = "tta-runtime " + shlex.join(args.argv)
     out = write_model_folder(model, cfg, Path(args.out), command=command, run_dir=run_dir)
     print(f"wrote model folder {out}")
     return 0

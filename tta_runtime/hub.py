@@ -38,6 +38,11 @@ def _roots(kind: str, env: str) -> list[Path]:
     return roots
 
 
+def sample_image_path() -> Path:
+    """The bundled out-of-distribution sample image (96x96 PNG, textured background; see assets/README.md)."""
+    return _PKG / "assets" / "ood_sample.png"
+
+
 def model_roots() -> list[Path]:
     return _roots("models", "TTA_RUNTIME_MODELS")
 

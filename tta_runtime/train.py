@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ModelCard, OODStats, Preprocessing, SegmenterConfig, WeightsSpec, _Frozen
+from .errors import ConfigError
 from .metrics import fg_ari, hungarian_match
-from .scenes import generate_scenes
+from .scenes import generate_scenes, max_objects
 from .segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,12 @@ def validate_model(model: SlotSegmenter, n: int, split: str = "in_dist", seed: i
 
 def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegmenter:
     """Train (or resume) and return the model. Logs go to `run_dir/log.jsonl`."""
+    needed = max_objects("in_dist") + 1  # every object plus the background needs its own slot
+    if cfg.segmenter.num_slots < needed:
+        raise ConfigError(
+            f"num_slots={cfg.segmenter.num_slots} is too few: training scenes hold up to {needed - 1} objects plus "
+            f"the background; use --slots {needed} or more"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = SlotSegmenter(cfg.segmenter)
@@ -141,7 +148,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = TrainConfig.model_validate_json(ckpt["config"])
         if saved.model_copy(update={"steps": cfg.steps}) != cfg:
-            raise ValueError(
+            raise ConfigError(
                 f"{ckpt_path} was written with another config; use a new run_dir or the same settings "
                 "(only --steps may change on resume)"
             )
