@@ -106,12 +106,6 @@ def ood_image() -> np.ndarray:
     return scene_image("textured_background", 0)
 
 
-@pytest.fixture(scope="session")
-def in_dist_image() -> np.ndarray:
-    """(32, 32, 3) uint8 RGB: flat-coloured shapes like the training scenes."""
-    return scene_image("in_dist", 0)
-
-
 # ----------------------------------------------------------------------------------------------------
 # A tiny model folder (fresh per test, so a test may corrupt its files)
 
@@ -126,8 +120,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     from tta_runtime.segmenter import SlotSegmenter
 
     folder = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    model = SlotSegmenter(TINY_SEGMENTER)
+    with torch.random.fork_rng():  # seeded init without moving the session's global generator
+        torch.manual_seed(0)
+        model = SlotSegmenter(TINY_SEGMENTER)
     weights = folder / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     card = ModelCard(

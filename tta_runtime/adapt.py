@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import AdaptConfig
+from .errors import ConfigError
 from .methods import Method, get_method
 from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
 
@@ -75,7 +76,7 @@ def select_parameters(model: SlotSegmenter, spec: str) -> dict[str, nn.Parameter
         pattern = re.compile(spec[3:])
         chosen = {n: p for n, p in named.items() if pattern.search(n)}
     if not chosen:
-        raise ValueError(f"params={spec!r} selects no parameter; names look like {list(named)[:4]}")
+        raise ConfigError(f"params={spec!r} selects no parameter; names look like {list(named)[:4]}")
     return chosen
 
 
@@ -183,14 +184,14 @@ class Adapter:
                 if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
                     self._rollback(params, last_good, report, f"non-finite gradient at step {step}")
                     break
+                with torch.no_grad():  # these weights gave a finite loss and gradient: the last good ones
+                    torch._foreach_copy_(last_good, [p.detach() for p in params])
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 if not all(torch.isfinite(p).all() for p in params):
                     self._rollback(params, last_good, report, f"non-finite weights after step {step}")
                     break
-                with torch.no_grad():
-                    torch._foreach_copy_(last_good, [p.detach() for p in params])
                 report.steps_run = step + 1
                 if cfg.early_stop_patience is not None:
                     if value < best * (1 - cfg.early_stop_min_delta):

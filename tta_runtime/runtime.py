@@ -165,6 +165,8 @@ class Runtime:
         base = self.recipe
         if "recipe" in overrides:
             base = load_recipe(overrides.pop("recipe"))
+            if self.options.mode is not None:  # the runtime's mode outlives a per-call recipe switch
+                overrides.setdefault("mode", self.options.mode)
         unknown = set(overrides) - _RECIPE_KEYS
         if unknown:
             raise ConfigError(f"unknown adaptation option(s) {sorted(unknown)}; recipe fields: {sorted(_RECIPE_KEYS)}")
