@@ -93,8 +93,12 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 class Adapter:
     """Runs adaptation on one model. Not thread-safe by itself: the `Runtime` serialises calls."""
 
-    def __init__(self, model: SlotSegmenter, cfg: AdaptConfig, *, recipe_name: str | None = None) -> None:
+    def __init__(
+        self, model: SlotSegmenter, cfg: AdaptConfig, *, recipe_name: str | None = None,
+        training_optimizer_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.model = model
+        self.training_optimizer_state = training_optimizer_state
         self.cfg = cfg
         self.recipe_name = recipe_name or cfg.name
         self.method: Method = get_method(cfg.method)
@@ -151,6 +155,8 @@ class Adapter:
                 opt = self._optimizer
             else:
                 opt = _build_optimizer(params, cfg)
+                if cfg.optimizer_state == "training":
+                    self._load_training_moments(opt, chosen)
             frozen_encoder = not any(n.startswith("encoder.") for n in chosen)
             features = None
             if frozen_encoder:  # the encoder's output cannot change: compute it once for every step
@@ -222,6 +228,22 @@ class Adapter:
                 self._restore(start_state)
         report.timings["total_s"] = time.perf_counter() - t0
         return final, report
+
+    def _load_training_moments(self, opt: torch.optim.Optimizer, chosen: dict[str, nn.Parameter]) -> None:
+        """Start Adam where training left it (the released Slot-TTA code does this)."""
+        state = self.training_optimizer_state
+        if state is None:
+            raise ConfigError(
+                "optimizer_state='training' needs Adam moments saved with the model, and this model ships none; "
+                "use optimizer_state='fresh'"
+            )
+        step = state["step"].reshape(()).float()
+        for name, p in chosen.items():
+            opt.state[p] = {
+                "step": step.clone(),
+                "exp_avg": state[f"exp_avg/{name}"].to(p.device, copy=True),
+                "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(p.device, copy=True),
+            }
 
     def _full_forward(self, image: torch.Tensor, features: torch.Tensor | None) -> SegmenterOutput:
         with torch.no_grad():

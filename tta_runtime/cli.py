@@ -174,7 +174,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     seg = validate(
         SegmenterConfig,
-        {"resolution": args.resolution, "num_slots": args.slots, "encoder_channels": args.encoder_channels},
+        {
+            "resolution": args.resolution, "num_slots": args.slots, "encoder_channels": args.encoder_channels,
+            "decoder_fourier_bands": args.fourier_bands,
+        },
         "train options",
     )
     cfg = validate(
@@ -241,12 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="model folder to write (card.json + weights.safetensors)")
     t.add_argument("--name", default="slot-shapes-32")
     t.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/NAME); re-run to resume")
-    t.add_argument("--steps", type=int, default=12_000)
+    t.add_argument("--steps", type=int, default=6_000)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--resolution", type=int, default=32)
     t.add_argument("--slots", type=int, default=8)
     t.add_argument("--encoder-channels", type=int, default=32)
+    t.add_argument("--fourier-bands", type=int, default=5, help="decoder coordinate encodings (paper: 0)")
     t.add_argument("--pixel-fraction", type=float, default=0.25)
     t.add_argument("--mask-weight", type=float, default=1.0)
     t.add_argument("--mask-weight-final", type=float, default=0.1)

@@ -31,6 +31,9 @@ class SegmenterConfig(_Frozen):
     encoder_kernel: int = Field(5, ge=1, le=9, description="encoder conv kernel size, odd [5]")
     decoder_width: int = Field(64, ge=8, le=1024, description="coordinate-MLP width [64]")
     decoder_blocks: int = Field(4, ge=1, le=8, description="residual blocks in the decoder [4]")
+    decoder_fourier_bands: int = Field(
+        0, ge=0, le=12, description="sin/cos encodings of the pixel coordinates at 1, 2, 4, ... cycles [0: raw coordinates]"
+    )
 
     @field_validator("encoder_kernel")
     @classmethod
@@ -71,6 +74,9 @@ class ModelCard(_Frozen):
     segmenter: SegmenterConfig
     preprocessing: Preprocessing
     weights: WeightsSpec
+    optimizer_state: WeightsSpec | None = Field(
+        None, description="Adam moments at the end of training (safetensors), for recipes with optimizer_state='training'"
+    )
     default_recipe: str = "slot_tta"
     ood: OODStats | None = None
     training: dict[str, Any] = Field(default_factory=dict, description="provenance: command, seed, steps, data, time")
@@ -117,8 +123,19 @@ class AdaptConfig(_Frozen):
     pixel_fraction: float = Field(
         1.0, gt=0, le=1, description="fraction of pixels decoded and scored per step (1.0 = all pixels)"
     )
+    optimizer_state: Literal["fresh", "training"] = Field(
+        "fresh",
+        description="'fresh': a new Adam per image; 'training': start Adam from the moments saved at the end of "
+        "training (as the released Slot-TTA code does); needs a model that ships them",
+    )
     mode: Literal["episodic", "continual"] = "episodic"
     seed: int = Field(0, description="seeds pixel subsets; the model itself is deterministic")
+
+    @model_validator(mode="after")
+    def _optimizer_state(self) -> AdaptConfig:
+        if self.optimizer_state == "training" and self.optimizer != "adam":
+            raise ValueError("optimizer_state='training' restores Adam moments: it needs optimizer='adam'")
+        return self
 
     @field_validator("params")
     @classmethod

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import AdaptConfig, ModelCard, validate
+from .config import AdaptConfig, ModelCard, WeightsSpec, validate
 from .errors import ConfigError, ModelLoadError, UnknownNameError
 from .registry import unknown_name_message
 
@@ -105,16 +105,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(folder: Path, card: ModelCard) -> dict[str, torch.Tensor]:
+def load_optimizer_state(folder: Path, card: ModelCard) -> dict[str, torch.Tensor] | None:
+    """Adam moments saved at the end of training ('exp_avg/<param>', 'exp_avg_sq/<param>', 'step'), if shipped."""
+    if card.optimizer_state is None:
+        return None
+    return load_weights(folder, card, card.optimizer_state)
+
+
+def load_weights(folder: Path, card: ModelCard, spec: WeightsSpec | None = None) -> dict[str, torch.Tensor]:
     """The state dict named by the card, after checking its sha256. Never unpickles arbitrary objects."""
-    path = folder / card.weights.file
+    spec = spec or card.weights
+    path = folder / spec.file
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} named by the card is missing")
     digest = sha256_file(path)
-    if digest != card.weights.sha256:
+    if digest != spec.sha256:
         raise ModelLoadError(
             f"weights file {path} does not match its card (sha256 {digest[:12]}..., card says "
-            f"{card.weights.sha256[:12]}...): the file is corrupt, truncated or was changed; restore it or "
+            f"{spec.sha256[:12]}...): the file is corrupt, truncated or was changed; restore it or "
             f"update the card's sha256 if you replaced it on purpose"
         )
     try:

@@ -24,7 +24,7 @@ import torch
 from .adapt import Adapter, StepCallback
 from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
 from .errors import ConfigError, ModelLoadError
-from .hub import find_model, load_card, load_recipe, load_weights
+from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
 from .inputs import prepare_image, resize_image, resize_masks
 from .result import Result
 from .segmenter import SegmenterOutput, SlotSegmenter
@@ -70,6 +70,7 @@ class Runtime:
     def __init__(
         self, model: SlotSegmenter, card: ModelCard, *, options: RuntimeOptions | None = None,
         recipe: AdaptConfig | None = None, folder: Path | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.options = options or RuntimeOptions()
         self.card = card
@@ -80,7 +81,7 @@ class Runtime:
         if self.options.mode is not None:
             recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
         self.recipe = recipe
-        self._adapter = Adapter(self.model, recipe)
+        self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state)
         self._lock = threading.Lock()
 
     # -- construction ------------------------------------------------------------------------------
@@ -104,7 +105,8 @@ class Runtime:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
-        return cls(model, card, options=options, recipe=recipe, folder=folder)
+        optimizer_state = load_optimizer_state(folder, card)
+        return cls(model, card, options=options, recipe=recipe, folder=folder, optimizer_state=optimizer_state)
 
     @property
     def name(self) -> str:

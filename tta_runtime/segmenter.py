@@ -106,7 +106,14 @@ class CoordDecoder(nn.Module):
     def __init__(self, cfg: SegmenterConfig) -> None:
         super().__init__()
         w = cfg.decoder_width
-        self.coord = nn.Linear(2, w)
+        coords = _grid(cfg.resolution) - 0.5  # [-0.5, 0.5), as released
+        if cfg.decoder_fourier_bands:
+            # Fourier features (Tancik et al. 2020): a ReLU MLP on raw coordinates learns sharp object edges
+            # very slowly (spectral bias); sin/cos at doubling frequencies let it draw them early in training.
+            freqs = 2.0 ** torch.arange(cfg.decoder_fourier_bands, dtype=torch.float32) * 2 * torch.pi
+            angles = (coords[:, :, None] * freqs).flatten(1)  # (S*S, 2 * bands)
+            coords = torch.cat([coords, angles.sin(), angles.cos()], dim=-1)
+        self.coord = nn.Linear(coords.shape[-1], w)
         self.slot_proj = nn.ModuleList(nn.Linear(cfg.slot_dim, w) for _ in range(cfg.decoder_blocks))
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w)) for _ in range(cfg.decoder_blocks)
@@ -116,7 +123,7 @@ class CoordDecoder(nn.Module):
             nn.init.zeros_(block[-1].weight)
             nn.init.zeros_(block[-1].bias)
         self.out = nn.Sequential(nn.ReLU(), nn.Linear(w, 4))
-        self.register_buffer("coords", _grid(cfg.resolution) - 0.5, persistent=False)  # [-0.5, 0.5)
+        self.register_buffer("coords", coords, persistent=False)  # (S*S, 2 [+ 4 * bands])
 
     def forward(
         self, slots: torch.Tensor, pixel_idx: torch.Tensor | None = None

@@ -44,8 +44,10 @@ TRAIN_SEED = 0
 
 class TrainConfig(_Frozen):
     name: str = Field("slot-shapes-32", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    segmenter: SegmenterConfig = SegmenterConfig(resolution=32, num_slots=8, encoder_channels=32)
-    steps: int = Field(20_000, ge=1)
+    segmenter: SegmenterConfig = SegmenterConfig(
+        resolution=32, num_slots=8, encoder_channels=32, decoder_fourier_bands=5
+    )
+    steps: int = Field(6_000, ge=1)
     batch: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(500, ge=0)
@@ -225,6 +227,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _save_adam_moments(model: SlotSegmenter, ckpt_path: Path, out: Path) -> WeightsSpec:
+    """Adam's moments at the end of training, by parameter name, for optimizer_state='training' recipes."""
+    opt_state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["optimizer"]
+    names = [n for n, _ in model.named_parameters()]  # the optimizer was built from model.parameters()
+    ids = opt_state["param_groups"][0]["params"]
+    tensors: dict[str, torch.Tensor] = {}
+    step = 0.0
+    for name, pid in zip(names, ids, strict=True):
+        st = opt_state["state"][pid]
+        tensors[f"exp_avg/{name}"] = st["exp_avg"].contiguous()
+        tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].contiguous()
+        step = float(st["step"])
+    tensors["step"] = torch.tensor([step])
+    save_file(tensors, str(out))
+    return WeightsSpec(file=out.name, sha256=sha256_file(out))
+
+
 def write_model_folder(
     model: SlotSegmenter, cfg: TrainConfig, out_dir: Path, *, command: str, run_dir: Path | None = None,
     description: str = "",
@@ -234,6 +253,9 @@ def write_model_folder(
     weights = out_dir / "weights.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
+    opt_spec = None
+    if run_dir is not None and (run_dir / "ckpt.pt").exists():
+        opt_spec = _save_adam_moments(model, run_dir / "ckpt.pt", out_dir / "adam_state.safetensors")
     model.eval()
     val = validate_model(model, 256)
     elapsed, steps_done = None, cfg.steps
@@ -247,6 +269,7 @@ def write_model_folder(
         segmenter=cfg.segmenter,
         preprocessing=Preprocessing(size=cfg.segmenter.resolution),
         weights=WeightsSpec(file=weights.name, sha256=sha256_file(weights)),
+        optimizer_state=opt_spec,
         ood=OODStats(recon_mse_mean=val["recon_mse"], recon_mse_std=max(val["recon_mse_std"], 1e-8), n_images=256),
         training={
             "command": command,
@@ -261,6 +284,8 @@ def write_model_folder(
                 f"{cfg.segmenter.resolution}x{cfg.segmenter.resolution} images, {cfg.segmenter.num_slots} slots "
                 "(paper 128x128, 11)",
                 f"encoder {cfg.segmenter.encoder_channels} channels (paper 64)",
+                f"decoder input: raw coordinates + {cfg.segmenter.decoder_fourier_bands} sin/cos frequency bands "
+                "(paper: raw coordinates only)",
                 f"decodes {cfg.pixel_fraction:.0%} of pixels per step (random subset)",
                 f"mask-loss weight {cfg.mask_weight} decaying linearly to {cfg.mask_weight_final} (paper 0.01)",
                 f"Adam lr {cfg.lr} with {cfg.warmup} warm-up steps, cosine decay to {cfg.lr_final_fraction}x; "
