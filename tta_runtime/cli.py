@@ -185,7 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         {
             "name": args.name, "segmenter": seg, "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "pixel_fraction": args.pixel_fraction, "mask_weight": args.mask_weight,
-            "mask_weight_final": args.mask_weight_final, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
+            "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
         },
         "train options",
     )
@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pixel-fraction", type=float, default=0.25)
     t.add_argument("--mask-weight", type=float, default=1.0)
     t.add_argument("--mask-weight-final", type=float, default=0.1)
+    t.add_argument("--attn-weight", type=float, default=0.0, help="matched mask loss on the attention maps too (paper: 0)")
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)

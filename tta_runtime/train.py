@@ -15,7 +15,6 @@ picked up by the next run with the same `run_dir`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelCard, OODStats, Preprocessing, SegmenterConfig, WeightsSpec, _Frozen
 from .errors import ConfigError
+from .hub import sha256_file
 from .metrics import fg_ari, hungarian_match
 from .scenes import generate_scenes, max_objects
 from .segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss
@@ -54,6 +54,9 @@ class TrainConfig(_Frozen):
     lr_final_fraction: float = Field(0.1, gt=0, le=1, description="cosine decay to lr x this at the end")
     mask_weight: float = Field(1.0, ge=0)
     mask_weight_final: float = Field(0.1, ge=0, description="linear decay of the mask weight to this value")
+    attn_weight: float = Field(
+        0.0, ge=0, description="weight of the same matched BCE on the slot-attention maps (0 = paper)"
+    )
     pixel_fraction: float = Field(0.25, gt=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = TRAIN_SEED
@@ -67,7 +70,12 @@ def matched_mask_loss(out: SegmenterOutput, instances: torch.Tensor) -> torch.Te
 
     `out.masks`: (B, K, P); `instances`: (B, P) long ids, 0 = background.
     """
-    masks = out.masks
+    return matched_bce(out.masks, instances)
+
+
+def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE between soft masks (B, K, P) and instance ids (B, P), matched by the Hungarian
+    algorithm on L2 distance; ground truth is padded with empty masks so every slot gets a target."""
     b, k, p = masks.shape
     target = torch.zeros_like(masks)
     with torch.no_grad():
@@ -185,6 +193,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
         mw = _mask_weight_at(cfg, step)
         mask = matched_mask_loss(out, inst_t)
         loss = rec + mw * mask
+        if cfg.attn_weight > 0:
+            # Supervise the binding itself: the attention maps (all pixels) get the same matched loss.
+            loss = loss + cfg.attn_weight * mw * matched_bce(out.attention, torch.from_numpy(inst.reshape(cfg.batch, -1)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -217,14 +228,6 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     logf.close()
     model.eval()
     return model
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_adam_moments(model: SlotSegmenter, ckpt_path: Path, out: Path) -> WeightsSpec:
@@ -288,6 +291,10 @@ def write_model_folder(
                 "(paper: raw coordinates only)",
                 f"decodes {cfg.pixel_fraction:.0%} of pixels per step (random subset)",
                 f"mask-loss weight {cfg.mask_weight} decaying linearly to {cfg.mask_weight_final} (paper 0.01)",
+                *(
+                    [f"the matched mask loss also on the slot-attention maps, weight {cfg.attn_weight} x mask weight"]
+                    if cfg.attn_weight > 0 else []
+                ),
                 f"Adam lr {cfg.lr} with {cfg.warmup} warm-up steps, cosine decay to {cfg.lr_final_fraction}x; "
                 f"grad-norm clip {cfg.grad_clip}; batch {cfg.batch}",
             ],
