@@ -48,6 +48,7 @@ class AdaptationReport:
     stopped_early: bool = False
     rolled_back: bool = False
     rollback_reason: str | None = None
+    skipped: str | None = None  # why no step ran (the OOD gate said the input is in distribution)
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -131,9 +131,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     expected = json.loads(Path(args.check).read_text()) if args.check else None  # before --json may overwrite it
     rt = Runtime.from_pretrained(args.model, device=args.device)
     splits = args.splits.split(",") if args.splits else list(SPLITS)
+    feedforward = None
+    ff_folder = Path(args.feedforward) if args.feedforward else (rt.folder / "feedforward" if rt.folder else None)
+    if ff_folder is not None and (ff_folder / "card.json").is_file():
+        from .feedforward import load_feedforward
+
+        feedforward = load_feedforward(ff_folder)
+    elif args.feedforward:
+        print(f"error: no feed-forward baseline at {ff_folder} (expected card.json there)", file=sys.stderr)
+        return 2
     report = evaluate(
         rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
         recipe=args.recipe, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps, progress=True,
+        feedforward=feedforward,
     )
     report["command"] = "tta-runtime " + shlex.join(args.argv)
     _print_eval_table(report)
@@ -153,7 +163,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_eval_table(report: dict[str, Any]) -> None:
-    head = f"{'split':22}{'n':>4}  {'FG-ARI before':>14}{'Slot-TTA':>10}{'entropy':>10}{'oracle':>10}  {'gain 95% CI':>20}{'s/img':>8}"
+    head = (
+        f"{'split':22}{'n':>4}  {'FG-ARI before':>14}{'Slot-TTA':>10}{'entropy':>10}{'oracle':>10}{'U-Net':>8}  "
+        f"{'gain 95% CI':>20}{'s/img':>8}"
+    )
     print(head)
     print("-" * len(head))
     for split, r in report["splits"].items():
@@ -163,9 +176,44 @@ def _print_eval_table(report: dict[str, Any]) -> None:
         g = r["slot_tta_gain_fg_ari"]
         ci = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f},{g['ci95'][1]:+.3f}]"
         print(
-            f"{split:22}{r['n_images']:>4}  {cell('before'):>14}{cell('slot_tta'):>10}{cell('entropy'):>10}{cell('oracle'):>10}  "
+            f"{split:22}{r['n_images']:>4}  {cell('before'):>14}{cell('slot_tta'):>10}{cell('entropy'):>10}{cell('oracle'):>10}"
+            f"{cell('feedforward'):>8}  "
             f"{ci:>20}{r['timing'].get('slot_tta_seconds_per_image', 0):>8.2f}"
         )
+
+
+def _cmd_ood_fit(args: argparse.Namespace) -> int:
+    from . import Runtime
+    from .hub import find_model
+    from .ood import fit_ood, save_calibration
+
+    folder = find_model(args.model)
+    rt = Runtime.from_pretrained(folder)
+    cals = fit_ood(rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256, progress=True)
+    out = save_calibration(folder, cals)
+    for name, cal in cals.items():
+        print(f"{name:14} threshold {cal.threshold:.4g} (TPR {cal.tpr:.0%} on {cal.n_threshold} held-out in-distribution scenes)")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_ood_eval(args: argparse.Namespace) -> int:
+    from . import Runtime
+    from .ood import eval_ood, load_calibration
+
+    rt = Runtime.from_pretrained(args.model)
+    report = eval_ood(rt.model, load_calibration(rt.folder), n_images=args.n_images, progress=True)  # type: ignore[arg-type]
+    report["model"] = rt.name
+    report["command"] = "tta-runtime " + shlex.join(args.argv)
+    scorers = sorted(next(iter(report["splits"].values())))
+    print(f"{'AUROC':22}" + "".join(f"{n:>14}" for n in scorers))
+    for split, per in report["splits"].items():
+        print(f"{split:22}" + "".join(f"{per[n]['auroc']:>14.3f}" for n in scorers))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -235,10 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", default="slot_tta")
     e.add_argument("--baseline", default="entropy", help="baseline recipe, or 'none'")
     e.add_argument("--steps", type=int, default=None, help="override both recipes' step count")
+    e.add_argument(
+        "--feedforward", default=None, help="feed-forward baseline folder (default: MODEL/feedforward when present)"
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", default=None, help="write the report here")
     e.add_argument("--check", default=None, help="compare with this report (timings excluded); exit 1 if it differs")
     e.set_defaults(func=_cmd_eval)
+
+    o = sub.add_parser("ood", help="fit and evaluate OOD scorers")
+    osub = o.add_subparsers(dest="ood_command", required=True)
+    of = osub.add_parser("fit", help="calibrate the OOD scorers on generated in-distribution scenes; saved in the model folder")
+    of.add_argument("--model", default=None)
+    of.add_argument("--n-images", type=int, default=256, help="fit scenes (as many again set the threshold)")
+    of.add_argument("--tpr", type=float, default=0.95, help="fraction of in-distribution inputs kept below the threshold")
+    of.set_defaults(func=_cmd_ood_fit)
+    oe = osub.add_parser("eval", help="AUROC / FPR@95 / AUPR per OOD split and scorer")
+    oe.add_argument("--model", default=None)
+    oe.add_argument("--n-images", type=int, default=256)
+    oe.add_argument("--json", default=None)
+    oe.set_defaults(func=_cmd_ood_eval)
 
     t = sub.add_parser("train", help="train a slot segmenter on generated scenes (resumable)")
     t.add_argument("--out", required=True, help="model folder to write (card.json + weights.safetensors)")

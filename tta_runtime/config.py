@@ -162,6 +162,12 @@ class RuntimeOptions(_Frozen):
     mode: Literal["episodic", "continual"] | None = Field(
         None, description="overrides the recipe's mode when set"
     )
+    adapt: Literal["always", "never", "when_ood"] = Field(
+        "always", description="when adapt_and_predict adapts: always, never, or only inputs the OOD gate flags"
+    )
+    ood_scorer: str | None = Field(
+        None, description="calibrated scorer for ood_score / is_ood (default: the calibration's default scorer)"
+    )
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:

@@ -38,14 +38,23 @@ def _segment(out: SegmenterOutput, size: int) -> np.ndarray:
     return out.masks[0].argmax(0).reshape(size, size).cpu().numpy()
 
 
+VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward")
+
+
 def evaluate_split(
     runtime: Runtime, split: str, n_images: int, *, seed: int = TEST_SEED, adapt: AdaptConfig, baseline: AdaptConfig | None,
-    progress: bool = False,
+    feedforward: torch.nn.Module | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """Per-image metrics for one split and their summaries."""
     size = runtime.input_size
     images, truth = generate_scenes(split, n_images, seed=seed, size=size)
-    per: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in ("before", "slot_tta", "oracle", "entropy")}
+    per: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in VARIANTS}
+    if feedforward is not None:  # the supervised U-Net without a slot bottleneck, on the same images
+        from .feedforward import predict_segmentation
+
+        for i, seg in enumerate(predict_segmentation(feedforward, images)):
+            for m, v in segmentation_metrics(truth[i], seg).items():
+                per["feedforward"][m].append(v)
     best_steps: list[int] = []
     seconds: dict[str, list[float]] = {"predict": [], "slot_tta": [], "entropy": []}
     for i in tqdm(range(n_images), desc=split, disable=not progress, leave=False):
@@ -97,20 +106,23 @@ def evaluate_split(
 def evaluate(
     runtime: Runtime, *, splits: Sequence[str] = ("in_dist", *OOD_SPLITS), n_images: int = 24, seed: int = TEST_SEED,
     recipe: str = "slot_tta", baseline: str | None = "entropy", steps: int | None = None, progress: bool = False,
+    feedforward: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """The evaluation JSON (see the module docstring)."""
+    """The evaluation JSON (see the module docstring). `feedforward`: a baseline segmenter to score too."""
     extra = {} if steps is None else {"steps": steps}
     adapt = load_recipe(recipe, **extra)
     base = load_recipe(baseline, **extra) if baseline else None
     t0 = time.perf_counter()
     results = {
-        split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, progress=progress)
+        split: evaluate_split(
+            runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=feedforward, progress=progress
+        )
         for split in tqdm(splits, desc="splits", disable=not progress)
     }
     ood = [s for s in splits if s != "in_dist"]
     summary: dict[str, Any] = {}
     if ood:
-        for variant in ("before", "slot_tta", "entropy", "oracle"):
+        for variant in ("before", "slot_tta", "entropy", "oracle", "feedforward"):
             if all(variant in results[s] for s in ood):
                 summary[f"{variant}_fg_ari_mean_over_ood_splits"] = round(
                     float(np.mean([results[s][variant]["fg_ari"]["mean"] for s in ood])), 6

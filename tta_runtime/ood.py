@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ __all__ = [
     "RankMeMonitor",
     "aupr",
     "auroc",
+    "calibrate",
     "eval_ood",
     "features_from_output",
     "fit_ood",
@@ -83,6 +83,7 @@ __all__ = [
     "save_calibration",
     "scene_features",
     "threshold_at_tpr",
+    "vim_dim",
 ]
 
 Array = np.ndarray | torch.Tensor
@@ -103,7 +104,7 @@ SEGMENTER_SCORERS: tuple[str, ...] = ("recon_error", "mask_entropy", "knn", "mah
 CLASSIFIER_SCORERS: tuple[str, ...] = (
     "msp", "max_logit", "energy", "softmax_entropy", "mahalanobis", "rmd", "knn", "vim"
 )
-# The shifts that change what the scene looks like rather than how it is arranged (acceptance: >= 0.95).
+# The far shifts the acceptance criterion names (best scorer's AUROC >= 0.95 on both).
 FAR_SHIFT_SPLITS: tuple[str, ...] = ("textured_background", "unseen_shapes")
 DEFAULT_TPR = 0.95
 CALIBRATION_DIR = "ood"
@@ -232,15 +233,17 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def scene_features(
     model: SlotSegmenter, split: str, n_images: int, seed: int, *, start: int = 0, batch_size: int = 64,
-    embedding: Embedding = DEFAULT_EMBEDDING,
+    embedding: Embedding = DEFAULT_EMBEDDING, progress: bool = False,
 ) -> OODFeatures:
     """Float64 numpy features of generated scenes `start .. start+n_images-1` of `split` (frozen path)."""
+    from tqdm.auto import tqdm
+
     size = model.cfg.resolution
     images, _ = generate_scenes(split, n_images, seed=seed, size=size, start=start)
     device = _model_device(model)
     parts = []
     with torch.inference_mode():
-        for i in range(0, n_images, batch_size):
+        for i in tqdm(range(0, n_images, batch_size), desc=split, disable=not progress, leave=False):
             x = to_tensor(images[i : i + batch_size]).to(device)
             parts.append(forward_with_features(model, x, embedding=embedding)[1].numpy())
     return OODFeatures.concat(parts)
@@ -892,13 +895,14 @@ def calibrate(
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write beside `path` then rename, so a reader never sees half a file (modes follow the umask)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tmp.open("wb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -1004,7 +1008,7 @@ def fit_ood(
     model: SlotSegmenter, *, n_images: int = 256, n_threshold: int | None = None, seed: int = VAL_SEED,
     scorers: Iterable[str] = SEGMENTER_SCORERS, params: Mapping[str, Mapping[str, Any]] | None = None,
     tpr: float = DEFAULT_TPR, embedding: Embedding = DEFAULT_EMBEDDING, batch_size: int = 64,
-    weights_sha256: str | None = None,
+    weights_sha256: str | None = None, progress: bool = False,
 ) -> dict[str, Calibration]:
     """Fit segmenter scorers on generated in_dist validation scenes and threshold them at `tpr`.
 
@@ -1023,8 +1027,9 @@ def fit_ood(
     for s in built:
         if s.needs_labels:
             raise ConfigError(f"OOD scorer {s.name!r} needs class labels; the segmenter's scorers are {', '.join(SEGMENTER_SCORERS)}")
-    fit_feats = scene_features(model, "in_dist", n_images, seed, batch_size=batch_size, embedding=embedding)
-    thr_feats = scene_features(model, "in_dist", n_threshold, seed, start=n_images, batch_size=batch_size, embedding=embedding)
+    kw: dict[str, Any] = {"batch_size": batch_size, "embedding": embedding, "progress": progress}
+    fit_feats = scene_features(model, "in_dist", n_images, seed, **kw)
+    thr_feats = scene_features(model, "in_dist", n_threshold, seed, start=n_images, **kw)
     out = {}
     for s in built:
         s.fit(fit_feats)
@@ -1051,7 +1056,10 @@ def eval_ood(
     kinds = sorted({c.embedding for c in calibrations.values()})
 
     def feats(split: str) -> dict[str, OODFeatures]:
-        return {k: scene_features(model, split, n_images, seed, batch_size=batch_size, embedding=k) for k in kinds}  # type: ignore[arg-type]
+        return {
+            k: scene_features(model, split, n_images, seed, batch_size=batch_size, embedding=k, progress=progress)  # type: ignore[arg-type]
+            for k in kinds
+        }
 
     def scores(split: str) -> dict[str, np.ndarray]:
         f = feats(split)

@@ -17,8 +17,10 @@ class Result:
     - `masks`: (K, H, W) float32 in [0, 1], summing to 1 over K (one soft mask per slot)
     - `segmentation`: (H, W) int64 slot ids (argmax of `masks`)
     - `reconstruction`: (H, W, 3) float32 in [0, 1], the model's rendering of the image
-    - `ood_score`: reconstruction error before adaptation, as a z-score against the model card's
-      in-distribution statistics (about 0 in distribution; higher = more out of distribution)
+    - `ood_score`: how far the input is from the training data, before adaptation (higher = further).
+      With a calibration in the model folder: the calibrated scorer (`ood_scorer`) and `is_ood` (score
+      above the threshold fitted at 95% in-distribution TPR); without one: the reconstruction error as a
+      z-score against the card's in-distribution statistics, and `is_ood` None
     - `adaptation`: what the adaptation did (None for `predict`)
     """
 
@@ -28,7 +30,8 @@ class Result:
     ood_score: float
     ood_scorer: str
     recon_mse: float
-    image: np.ndarray = field(repr=False)  # (H, W, 3) uint8 RGB input, for overlays
+    is_ood: bool | None = None  # score above the calibrated threshold; None when the model has no calibration
+    image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8), repr=False)  # input, for overlays
     model: str = ""
     device: str = "cpu"
     backend: str = "torch"
@@ -56,6 +59,7 @@ class Result:
             "slots_used": int(len(np.unique(self.segmentation))),
             "ood_score": self.ood_score,
             "ood_scorer": self.ood_scorer,
+            "is_ood": self.is_ood,
             "recon_mse": self.recon_mse,
             "timings": dict(self.timings),
             "adaptation": None if self.adaptation is None else self.adaptation.to_dict(),

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapt import Adapter, StepCallback
+from .adapt import AdaptationReport, Adapter, StepCallback
 from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
 from .errors import ConfigError, ModelLoadError
 from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
 from .inputs import prepare_image, resize_image, resize_masks
+from .ood import DEFAULT_SCORER, Calibration, features_from_output, load_calibration
+from .registry import unknown_name_message
 from .result import Result
 from .segmenter import SegmenterOutput, SlotSegmenter
 
@@ -83,6 +85,7 @@ class Runtime:
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state)
         self._lock = threading.Lock()
+        self.calibration = self._load_calibration()
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -123,34 +126,44 @@ class Runtime:
         prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
         x = prepared.tensor.to(self.device)
         t_prep = time.perf_counter() - t0
-        with self._lock, torch.inference_mode():
+        with self._lock:
             t1 = time.perf_counter()
-            out = self.model(x)
+            out, ood = self._frozen_path(x)
             t_fwd = time.perf_counter() - t1
-        mse = self._recon_mse(out, x)
-        return self._result(out, prepared, mse, None, {"preprocess_s": t_prep, "forward_s": t_fwd})
+        return self._result(out, prepared, ood, None, {"preprocess_s": t_prep, "forward_s": t_fwd})
 
     def adapt_and_predict(
-        self, image: Any, *, channel_order: str = "rgb", on_step: StepCallback | None = None, **overrides: Any
+        self, image: Any, *, channel_order: str = "rgb", on_step: StepCallback | None = None,
+        adapt: str | None = None, **overrides: Any,
     ) -> Result:
         """Adapt to one image with the runtime's recipe (fields overridable per call), then segment it.
 
-        In episodic mode (default) the model's parameters and buffers are bit-exact afterwards; in
-        continual mode the adapted state carries over to the next call until `reset()`.
+        `adapt` ("always" | "never" | "when_ood", default: the runtime's option) gates the adaptation:
+        with "when_ood", an input the calibrated OOD scorer calls in-distribution takes the predict path
+        and its report says why no step ran. In episodic mode (default) the model's parameters and
+        buffers are bit-exact afterwards; in continual mode the adapted state carries over to the next
+        call until `reset()`.
         """
         t0 = time.perf_counter()
+        gate = self._gate(adapt)
         recipe = self._recipe_for(overrides)
         prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
         x = prepared.tensor.to(self.device)
         t_prep = time.perf_counter() - t0
         with self._lock:
             t1 = time.perf_counter()
-            with torch.inference_mode():
-                before = self.model(x)  # the OOD score is about the input before adaptation
-            mse_before = self._recon_mse(before, x)
+            before, ood = self._frozen_path(x)  # the OOD score is about the input before adaptation
             t_fwd = time.perf_counter() - t1
-            final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
-        result = self._result(final, prepared, mse_before, report, {"preprocess_s": t_prep, "forward_s": t_fwd})
+            skip = None
+            if gate == "never":
+                skip = "adapt='never'"
+            elif gate == "when_ood" and not ood[2]:
+                skip = f"in distribution ({ood[1]} {ood[0]:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
+            if skip is None:
+                final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
+            else:
+                final, report = before, self._skipped_report(recipe, skip, x)
+        result = self._result(final, prepared, ood, report, {"preprocess_s": t_prep, "forward_s": t_fwd})
         result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
         return result
 
@@ -174,29 +187,64 @@ class Runtime:
             raise ConfigError(f"unknown adaptation option(s) {sorted(unknown)}; recipe fields: {sorted(_RECIPE_KEYS)}")
         return with_overrides(base, overrides, "recipe")
 
-    @staticmethod
-    def _recon_mse(out: SegmenterOutput, x: torch.Tensor) -> float:
-        target = x.flatten(2).transpose(1, 2)
-        return float(((out.reconstruction - target) ** 2).mean())
+    def _load_calibration(self) -> Calibration | None:
+        """The calibrated OOD scorer from `<model folder>/ood/`, if the folder has one."""
+        has = self.folder is not None and (self.folder / "ood").is_dir()
+        if not has:
+            if self.options.adapt == "when_ood" or self.options.ood_scorer is not None:
+                load_calibration(self.folder or Path("."))  # raises, saying how to fit one
+            return None
+        cals = load_calibration(self.folder)  # type: ignore[arg-type]
+        name = self.options.ood_scorer or (DEFAULT_SCORER if DEFAULT_SCORER in cals else sorted(cals)[0])
+        if name not in cals:
+            raise ConfigError(unknown_name_message("calibrated OOD scorer", name, list(cals)))
+        return cals[name]
 
-    def _ood_score(self, mse: float) -> tuple[float, str]:
+    def _gate(self, adapt: str | None) -> str:
+        gate = adapt or self.options.adapt
+        if gate not in ("always", "never", "when_ood"):
+            raise ConfigError(f"adapt must be 'always', 'never' or 'when_ood', got {gate!r}")
+        if gate == "when_ood" and self.calibration is None:
+            load_calibration(self.folder or Path("."))  # raises, saying how to fit one
+        return gate
+
+    def _frozen_path(self, x: torch.Tensor) -> tuple[SegmenterOutput, tuple[float, str, bool | None, float]]:
+        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) for the input."""
+        with torch.inference_mode():
+            encoded = self.model.encode(x)
+            out = self.model.forward_features(encoded)
+            cal = self.calibration
+            feats = features_from_output(self.model, x, out, encoded=encoded, embedding=cal.embedding if cal else "encoder")
+        mse = float(feats.recon_mse[0])
+        if cal is not None:
+            score = float(cal.score(feats)[0])
+            return out, (score, cal.scorer, bool(score > cal.threshold), mse)
         stats = self.card.ood
         if stats is None:
-            return mse, "recon_mse"
-        return (mse - stats.recon_mse_mean) / stats.recon_mse_std, "recon_mse_z"
+            return out, (mse, "recon_mse", None, mse)
+        return out, ((mse - stats.recon_mse_mean) / stats.recon_mse_std, "recon_mse_z", None, mse)
 
-    def _result(self, out: SegmenterOutput, prepared: Any, mse: float, report: Any, timings: dict[str, float]) -> Result:
+    def _skipped_report(self, recipe: AdaptConfig, why: str, x: torch.Tensor) -> AdaptationReport:
+        return AdaptationReport(
+            recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
+            steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
+        )
+
+    def _result(
+        self, out: SegmenterOutput, prepared: Any, ood: tuple[float, str, bool | None, float], report: Any,
+        timings: dict[str, float],
+    ) -> Result:
         s = self.input_size
         h, w = prepared.original_size
         masks = out.masks[0].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
         recon = out.reconstruction[0].detach().float().cpu().numpy().reshape(s, s, 3)
         masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
         recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
-        score, scorer = self._ood_score(mse)
+        score, scorer, is_ood, mse = ood
         return Result(
             masks=masks.astype(np.float32, copy=False),
             segmentation=masks.argmax(0).astype(np.int64),
             reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
-            ood_score=float(score), ood_scorer=scorer, recon_mse=mse, image=prepared.original_rgb,
+            ood_score=float(score), ood_scorer=scorer, recon_mse=mse, is_ood=is_ood, image=prepared.original_rgb,
             model=self.name, device=str(self.device), backend="torch", adaptation=report, timings=timings,
         )
