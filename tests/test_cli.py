@@ -377,3 +377,9 @@ def test_train_with_too_few_slots_for_the_scenes_fails_cleanly(tmp_path: pathlib
     assert "error:" in err and "num_slots=3" in err and "--slots 5" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
     assert not (tmp_path / "run").exists()  # refused before creating the run folder
+
+
+def test_eval_in_worker_processes_gives_the_same_numbers(tmp_path: pathlib.Path) -> None:
+    args = ["eval", "--splits", "in_dist,unseen_colours", "--n-images", "2", "--steps", "2", "--baseline", "none"]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    assert main([*args, "--jobs", "2", "--check", str(tmp_path / "one.json")]) == 0

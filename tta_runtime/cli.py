@@ -134,16 +134,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     feedforward = None
     ff_folder = Path(args.feedforward) if args.feedforward else (rt.folder / "feedforward" if rt.folder else None)
     if ff_folder is not None and (ff_folder / "card.json").is_file():
-        from .feedforward import load_feedforward
-
-        feedforward = load_feedforward(ff_folder)
+        feedforward = ff_folder
     elif args.feedforward:
         print(f"error: no feed-forward baseline at {ff_folder} (expected card.json there)", file=sys.stderr)
         return 2
     report = evaluate(
         rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
         recipe=args.recipe, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps, progress=True,
-        feedforward=feedforward,
+        feedforward=feedforward, jobs=args.jobs,
     )
     report["command"] = "tta-runtime " + shlex.join(args.argv)
     _print_eval_table(report)
@@ -245,6 +243,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_feedforward(args: argparse.Namespace) -> int:
+    from .feedforward import main_train
+
+    main_train(args.out, args.run_dir, args.steps, command="tta-runtime " + shlex.join(args.argv))
+    print(f"wrote baseline folder {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tta-runtime", description="Test-time adaptation runtime for slot-centric segmenters.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -287,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedforward", default=None, help="feed-forward baseline folder (default: MODEL/feedforward when present)"
     )
     e.add_argument("--device", default="cpu")
+    e.add_argument("--jobs", type=int, default=1, help="worker processes, one split each (same numbers for any value)")
     e.add_argument("--json", default=None, help="write the report here")
     e.add_argument("--check", default=None, help="compare with this report (timings excluded); exit 1 if it differs")
     e.set_defaults(func=_cmd_eval)
@@ -323,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)
+
+    tf = sub.add_parser("train-feedforward", help="train the supervised U-Net baseline (no slot bottleneck)")
+    tf.add_argument("--out", default="models/slot-shapes-32/feedforward")
+    tf.add_argument("--run-dir", default="runs/feedforward")
+    tf.add_argument("--steps", type=int, default=4000)
+    tf.set_defaults(func=_cmd_train_feedforward)
     return p
 
 

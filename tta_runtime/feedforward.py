@@ -451,13 +451,10 @@ def load_feedforward(folder: str | Path) -> UNetSegmenter:
     return model.eval()
 
 
-def main_train(out_folder: str, run_dir: str, steps: int) -> None:
+def main_train(out_folder: str, run_dir: str, steps: int, command: str | None = None) -> None:
     """Train with the default config for `steps` steps (resuming `run_dir`), then save to `out_folder`."""
     cfg = FeedForwardTrainConfig(steps=steps)
     model = train_feedforward(cfg, Path(run_dir))
-    command = (
-        'python -c "from tta_runtime.feedforward import main_train; '
-        f'main_train({out_folder!r}, {run_dir!r}, {steps})"'
-    )
+    command = command or f"tta-runtime train-feedforward --out {out_folder} --run-dir {run_dir} --steps {steps}"
     save_feedforward(model, cfg, out_folder, command=command, run_dir=run_dir)
     log.info("wrote %s", out_folder)
