@@ -32,7 +32,7 @@ def _fmt_seconds(s: float) -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import Runtime
-    from .visual import loss_curve, mask_grid, panel, save_png
+    from .visual import loss_curve, mask_grid, save_png
 
     image = args.image or sample_image_path()
     overrides: dict[str, Any] = {"device": args.device}
@@ -45,8 +45,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"recipe  {rt.recipe.name}: {rt.recipe.description}")
     print(f"image   {image}")
     before = rt.predict(image)
-    verdict = "out of distribution" if before.ood_score > 3 else "in distribution"
-    print(f"OOD     score {before.ood_score:+.2f} ({before.ood_scorer}; ~0 in distribution, > 3 is far out) -> {verdict}")
+    if before.is_ood is not None:  # calibrated: a threshold at 95% in-distribution TPR
+        verdict = "OUT OF DISTRIBUTION" if before.is_ood else "in distribution"
+        print(f"OOD     score {before.ood_score:+.2f} ({before.ood_scorer}, threshold {rt.calibration.threshold:+.2f}) -> {verdict}")
+    else:
+        print(f"OOD     score {before.ood_score:+.2f} ({before.ood_scorer}: z-score of the reconstruction error; no calibration)")
     after = rt.adapt_and_predict(image, on_step=_progress_callback(rt.recipe.steps) if args.progress else None)
     rep = after.adaptation
     assert rep is not None  # adapt_and_predict always reports
@@ -62,22 +65,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         + (f"; ROLLED BACK: {rep.rollback_reason}" if rep.rolled_back else "")
     )
     out = Path(args.out)
-    scale = max(1, 192 // max(before.image.shape[:2]))
-    picture = panel(
-        [
-            ("input", before.image),
-            ("masks before", before.overlay()),
-            ("masks after", after.overlay()),
-            ("reconstruction after", (after.reconstruction * 255).round().astype(np.uint8)),
-        ],
-        scale=scale,
-    )
-    save_png(out / "overlay.png", picture)
+    save_png(out / "overlay.png", demo_figure(before, after))
     save_png(out / "loss.png", loss_curve(rep.losses, title=f"{rep.method} loss per step"))
     save_png(out / "slots_after.png", mask_grid(after.masks))
     (out / "result.json").write_text(json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2))
-    print(f"wrote   {out / 'overlay.png'} (input | masks before | masks after | reconstruction), loss.png, slots_after.png, result.json")
+    print(f"wrote   {out / 'overlay.png'} (input | masks before | masks after | reconstruction | loss), loss.png, slots_after.png, result.json")
     return 0
+
+
+def demo_figure(before: Any, after: Any, height: int = 192) -> np.ndarray:
+    """One picture of an adaptation: input | masks before | masks after | reconstruction | loss curve."""
+    from .visual import loss_curve, panel
+
+    def up(rgb: np.ndarray) -> np.ndarray:  # nearest-neighbour, so pixels stay pixels
+        h, w = rgb.shape[:2]
+        k = max(1, height // h)
+        return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
+
+    rep = after.adaptation
+    return panel(
+        [
+            ("input", up(before.image)),
+            ("masks before", up(before.overlay())),
+            (f"masks after {rep.steps_run} steps", up(after.overlay())),
+            ("reconstruction after", up((after.reconstruction * 255).round().astype(np.uint8))),
+            ("loss per step", loss_curve(rep.losses + [rep.final_loss], size=(height, 300), title=rep.method)),
+        ]
+    )
 
 
 def _progress_callback(total: int):  # noqa: ANN202 - returns a closure
