@@ -70,7 +70,8 @@ def test_to_dict_is_json_and_carries_the_adaptation_report(runtime, ood_image):
     assert d["image_size"] == [H, W]
     assert d["num_slots"] == runtime.card.segmenter.num_slots
     assert 1 <= d["slots_used"] <= d["num_slots"]
-    assert d["ood_score"] == res.ood_score and d["ood_scorer"] == "recon_mse_z"
+    expected_scorer = runtime.calibration.scorer if runtime.calibration is not None else "recon_mse_z"
+    assert d["ood_score"] == res.ood_score and d["ood_scorer"] == expected_scorer
     report = d["adaptation"]
     assert report["recipe"] == "slot_tta" and report["method"] == "slot_reconstruction"
     assert report["steps_requested"] == 2 and report["steps_run"] == 2 and len(report["losses"]) == 2
@@ -88,8 +89,12 @@ def test_overlay_is_an_rgb_picture_of_the_input_size(runtime, ood_image):
 
 def test_ood_score_is_the_z_score_of_the_reconstruction_error(runtime, ood_image):
     res = runtime.predict(ood_image)
-    stats = runtime.card.ood
-    assert res.ood_score == pytest.approx((res.recon_mse - stats.recon_mse_mean) / stats.recon_mse_std)
+    if runtime.calibration is not None:  # the shipped calibration's recon_error scorer: fitted mean and std
+        assert runtime.calibration.scorer == "recon_error"
+        mean, std = (float(runtime.calibration.state[k]) for k in ("mean", "std"))
+    else:
+        mean, std = runtime.card.ood.recon_mse_mean, runtime.card.ood.recon_mse_std
+    assert res.ood_score == pytest.approx((res.recon_mse - mean) / std, rel=1e-5)
 
 
 def test_ood_score_is_the_same_before_and_after_adaptation(runtime, ood_image):

@@ -43,6 +43,18 @@ def _segment(out: SegmenterOutput, size: int) -> np.ndarray:
     return out.masks[0].argmax(0).reshape(size, size).cpu().numpy()
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Adaptation runs 150 chaotic steps: a different thread count changes float sums in the last bit and,
+    sometimes, a mask pixel. Evaluation always runs single-threaded so its numbers reproduce anywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward")
 
 
@@ -50,7 +62,15 @@ def evaluate_split(
     runtime: Runtime, split: str, n_images: int, *, seed: int = TEST_SEED, adapt: AdaptConfig, baseline: AdaptConfig | None,
     feedforward: torch.nn.Module | None = None, progress: bool = False,
 ) -> dict[str, Any]:
-    """Per-image metrics for one split and their summaries."""
+    """Per-image metrics for one split and their summaries (single-threaded: see `_one_thread`)."""
+    with _one_thread():
+        return _evaluate_split(runtime, split, n_images, seed, adapt, baseline, feedforward, progress)
+
+
+def _evaluate_split(
+    runtime: Runtime, split: str, n_images: int, seed: int, adapt: AdaptConfig, baseline: AdaptConfig | None,
+    feedforward: torch.nn.Module | None, progress: bool,
+) -> dict[str, Any]:
     size = runtime.input_size
     images, truth = generate_scenes(split, n_images, seed=seed, size=size)
     per: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in VARIANTS}
@@ -108,18 +128,6 @@ def evaluate_split(
     return out
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Adaptation runs 150 chaotic steps: a different thread count changes float sums in the last bit and,
-    sometimes, a mask pixel. Evaluation always runs single-threaded so its numbers reproduce anywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One split in a worker process (--jobs): load everything from paths, evaluate, return the JSON part."""
     runtime = Runtime.from_pretrained(job["model"], device=job["device"])
@@ -128,11 +136,10 @@ def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
         from .feedforward import load_feedforward
 
         feedforward = load_feedforward(job["feedforward"])
-    with _one_thread():
-        return evaluate_split(
-            runtime, job["split"], job["n_images"], seed=job["seed"], adapt=AdaptConfig(**job["adapt"]),
-            baseline=None if job["baseline"] is None else AdaptConfig(**job["baseline"]), feedforward=feedforward,
-        )
+    return evaluate_split(
+        runtime, job["split"], job["n_images"], seed=job["seed"], adapt=AdaptConfig(**job["adapt"]),
+        baseline=None if job["baseline"] is None else AdaptConfig(**job["baseline"]), feedforward=feedforward,
+    )
 
 
 def evaluate(
@@ -169,14 +176,12 @@ def evaluate(
             from .feedforward import load_feedforward
 
             ff_model = load_feedforward(feedforward)
-        with _one_thread():
-            results = {
-                split: evaluate_split(
-                    runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model,
-                    progress=progress,
-                )
-                for split in tqdm(splits, desc="splits", disable=not progress)
-            }
+        results = {
+            split: evaluate_split(
+                runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, progress=progress
+            )
+            for split in tqdm(splits, desc="splits", disable=not progress)
+        }
     ood = [s for s in splits if s != "in_dist"]
     summary: dict[str, Any] = {}
     if ood:

@@ -1,0 +1,29 @@
+"""The committed evaluation of the default model reproduces: its first images, re-run here, give the
+same per-image numbers as the JSON in the model folder (the full run is `tta-runtime eval`, see README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tta_runtime as tta
+from tta_runtime.config import AdaptConfig
+from tta_runtime.evaluate import evaluate_split
+from tta_runtime.hub import find_model
+
+EVAL_JSON = find_model(None) / "eval.json"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EVAL_JSON.is_file(), reason="the default model has no eval.json yet")
+@pytest.mark.parametrize("split", ["unseen_colours", "textured_background"])
+def test_first_image_of_a_split_reproduces_the_committed_numbers(split: str) -> None:
+    report = json.loads(EVAL_JSON.read_text())
+    rt = tta.Runtime.from_pretrained()
+    assert report["model"] == rt.name
+    expected = report["splits"][split]
+    part = evaluate_split(rt, split, 1, seed=expected["seed"], adapt=AdaptConfig(**report["recipe"]), baseline=None)
+    for variant in ("before", "slot_tta", "oracle"):
+        for metric in ("fg_ari", "ari", "miou"):
+            assert part["per_image"][variant][metric][0] == expected["per_image"][variant][metric][0], (variant, metric)
