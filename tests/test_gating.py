@@ -92,3 +92,22 @@ def test_ood_eval_cli_writes_auroc_per_split(calibrated_dir: Path, tmp_path: Pat
     for split in ("textured_background", "unseen_shapes"):
         for scorer in ("recon_error", "mask_entropy", "knn"):
             assert 0.0 <= report["splits"][split][scorer]["auroc"] <= 1.0
+
+
+def test_bench_gate_reports_compute_and_gain_shares(calibrated_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "gate.json"
+    args = ["bench", "gate", "--model", str(calibrated_dir), "--n-images", "2", "--steps", "2", "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    rows = report["per_image"]
+    assert [r["split"] == "in_dist" for r in rows] == [True, False, True, False]  # interleaved stream
+    assert all(r["steps_always"] == 2 for r in rows)
+    assert all(r["steps_gated"] == (2 if r["is_ood"] else 0) for r in rows)  # the gate decides, per image
+    assert report["compute_share_steps"] == sum(r["steps_gated"] for r in rows) / 8
+    for r in rows:  # episodic and deterministic: a gated image that adapted matches always-adapt exactly
+        if r["is_ood"]:
+            assert r["fg_ari_gated"] == r["fg_ari_always"]
+        else:
+            assert r["fg_ari_gated"] == r["fg_ari_before"]

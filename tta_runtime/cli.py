@@ -228,6 +228,31 @@ def _cmd_ood_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_gate(args: argparse.Namespace) -> int:
+    from .bench import bench_gate
+
+    report = bench_gate(
+        args.model, n_images=args.n_images, shifts=args.shifts.split(","), recipe=args.recipe, steps=args.steps,
+        progress=True,
+    )
+    report["command"] = "tta-runtime " + shlex.join(args.argv)
+    f = report["fg_ari"]
+    print(f"stream: {args.n_images} in-distribution + {args.n_images} shifted ({args.shifts}); gate {report['scorer']}")
+    print(f"flagged OOD: in-distribution {report['flagged']['in_dist']:.0%}, shifted {report['flagged']['shifted']:.0%}")
+    print(f"FG-ARI before {f['before']:.3f}, always-adapt {f['always']:.3f}, when_ood {f['when_ood']:.3f}")
+    kept = report["gain_kept"]
+    print(
+        f"when_ood used {report['compute_share_seconds']:.0%} of the always-adapt time "
+        f"({report['compute_share_steps']:.0%} of its steps) and kept "
+        + (f"{kept:.0%}" if kept is not None else "n/a (no gain to keep)") + " of its FG-ARI gain"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import SegmenterConfig, validate
     from .train import TrainConfig, train, write_model_folder
@@ -324,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     oe.add_argument("--n-images", type=int, default=256)
     oe.add_argument("--json", default=None)
     oe.set_defaults(func=_cmd_ood_eval)
+
+    b = sub.add_parser("bench", help="benchmarks that write JSON")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bg = bsub.add_parser("gate", help="always-adapt vs adapt='when_ood' on a mixed stream: compute and gain shares")
+    bg.add_argument("--model", default=None)
+    bg.add_argument("--n-images", type=int, default=8, help="in-distribution images (as many shifted ones)")
+    bg.add_argument("--shifts", default="textured_background,unseen_colours")
+    bg.add_argument("--recipe", default="slot_tta")
+    bg.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    bg.add_argument("--json", default=None)
+    bg.set_defaults(func=_cmd_bench_gate)
 
     t = sub.add_parser("train", help="train a slot segmenter on generated scenes (resumable)")
     t.add_argument("--out", required=True, help="model folder to write (card.json + weights.safetensors)")

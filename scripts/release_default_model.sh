@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Everything after training that the shipped default model carries, in order (about 20 minutes on 2 cores):
+# OOD calibration, the evaluation JSON, the OOD evaluation, the gating benchmark and the README picture.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+tr=.venv/bin/tta-runtime
+m=models/slot-shapes-32
+$tr ood fit --model slot-shapes-32
+$tr eval --n-images 20 --jobs 2 --json $m/eval.json
+$tr ood eval --model slot-shapes-32 --n-images 256 --json $m/ood_eval.json
+$tr bench gate --model slot-shapes-32 --n-images 8 --json $m/gate_bench.json
+$tr demo --out out/demo --no-progress
+mkdir -p docs && cp out/demo/overlay.png docs/demo.png
+.venv/bin/python scripts/eval_tables.py $m/eval.json $m/ood_eval.json > out/tables.md
