@@ -16,7 +16,7 @@ image (B, 3, S, S) in [0, 1]
 GroupNorm normalises each image on its own, so a prediction does not depend on the rest of the batch
 (batch-1 inference gives the same numbers as batch-N inference).
 
-Loss: the slot model's Hungarian-matched class-balanced BCE (`tta_runtime.train.matched_mask_loss`,
+Loss: the slot model's Hungarian-matched class-balanced BCE (`tta_runtime.train.matched_bce`,
 shared, not copied) plus `ce_weight` x a per-pixel cross-entropy against the same matching (the metric
 is scored on the argmax, and the softmax CE sharpens exactly that decision; the BCE alone treats each
 channel independently).
@@ -34,7 +34,6 @@ import math
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -46,10 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import WeightsSpec, _Frozen, format_validation_error
+from . import checkpoint
 from .errors import ConfigError, InvalidInputError, ModelLoadError
 from .metrics import fg_ari, hungarian_match
 from .scenes import generate_scenes, max_objects
-from .train import TRAIN_SEED, VAL_SEED, matched_mask_loss, sha256_file, to_tensor
+from .hub import sha256_file
+from .train import TRAIN_SEED, VAL_SEED, matched_bce, to_tensor
 
 __all__ = [
     "FeedForwardCard",
@@ -210,7 +211,7 @@ class UNetSegmenter(nn.Module):
 def _matched_labels(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     """Per-pixel channel index of each pixel's matched ground-truth segment: (B, P) long.
 
-    The same matching as `matched_mask_loss` (L2 between binary GT masks and soft predicted masks).
+    The same matching as `matched_bce` (L2 between binary GT masks and soft predicted masks).
     """
     pred_np = masks.detach().cpu().numpy()
     inst_np = instances.cpu().numpy()
@@ -236,11 +237,10 @@ def feedforward_loss(
     b, k = logits.shape[:2]
     masks = logits.softmax(dim=1).flatten(2)  # (B, K, P)
     inst = instances.reshape(b, -1)  # (B, P)
-    # matched_mask_loss only reads `.masks`; a SegmenterOutput would also need slots and RGB.
-    bce = matched_mask_loss(SimpleNamespace(masks=masks), inst)  # type: ignore[arg-type]
+    bce = matched_bce(masks, inst)
     if ce_weight == 0:
         return bce, bce, bce.new_zeros(())
-    # Matched again on the same masks: matched_mask_loss does not return its assignment.
+    # Matched again on the same masks: matched_bce does not return its assignment.
     ce = F.cross_entropy(logits.flatten(2), _matched_labels(masks, inst))
     return bce + ce_weight * ce, bce, ce
 
@@ -307,21 +307,7 @@ def train_feedforward(cfg: FeedForwardTrainConfig, run_dir: Path, progress: bool
     model = UNetSegmenter(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_path = run_dir / "ckpt.pt"
-    step, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = FeedForwardTrainConfig.model_validate_json(ckpt["config"])
-        if saved.model_copy(update={"steps": cfg.steps}) != cfg:
-            raise ValueError(
-                f"{ckpt_path} was written with another config; use a new run_dir or the same settings "
-                "(only steps may change on resume)"
-            )
-        if saved.steps != cfg.steps:
-            log.warning("resuming with steps=%d (was %d): the lr schedule stretches", cfg.steps, saved.steps)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        log.info("resumed from %s at step %d", ckpt_path, step)
+    step, elapsed = checkpoint.resume(ckpt_path, cfg, model, opt)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     s = cfg.model.resolution
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="feedforward", dynamic_ncols=True)
@@ -355,13 +341,7 @@ def train_feedforward(cfg: FeedForwardTrainConfig, run_dir: Path, progress: bool
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                tmp = ckpt_path.with_suffix(".tmp")
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "elapsed": elapsed, "config": cfg.model_dump_json()},
-                    tmp,
-                )
-                tmp.replace(ckpt_path)  # atomic: a kill mid-write never leaves a broken checkpoint
+                checkpoint.save(ckpt_path, cfg, model, opt, step, elapsed)
                 t_last = time.perf_counter()  # checkpoint I/O is not training time
     bar.close()
     model.eval()

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ModelCard, OODStats, Preprocessing, SegmenterConfig, WeightsSpec, _Frozen
+from . import checkpoint
 from .errors import ConfigError
 from .hub import sha256_file
 from .metrics import fg_ari, hungarian_match
@@ -153,21 +154,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     model = SlotSegmenter(cfg.segmenter)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_path = run_dir / "ckpt.pt"
-    step, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = TrainConfig.model_validate_json(ckpt["config"])
-        if saved.model_copy(update={"steps": cfg.steps}) != cfg:
-            raise ConfigError(
-                f"{ckpt_path} was written with another config; use a new run_dir or the same settings "
-                "(only --steps may change on resume)"
-            )
-        if saved.steps != cfg.steps:
-            log.warning("resuming with steps=%d (was %d): the lr schedule stretches to the new length", cfg.steps, saved.steps)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        log.info("resumed from %s at step %d", ckpt_path, step)
+    step, elapsed = checkpoint.resume(ckpt_path, cfg, model, opt)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     s = cfg.segmenter.resolution
     n_pix = s * s
@@ -217,13 +204,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
             logf.write(json.dumps(record) + "\n")
             logf.flush()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "elapsed": elapsed, "config": cfg.model_dump_json()},
-                tmp,
-            )
-            tmp.replace(ckpt_path)  # atomic: a kill mid-write never leaves a broken checkpoint
+            checkpoint.save(ckpt_path, cfg, model, opt, step, elapsed)
     bar.close()
     logf.close()
     model.eval()
