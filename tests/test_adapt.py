@@ -90,7 +90,9 @@ def test_reconstruction_adaptation_lowers_its_loss(runtime, ood_image):
 
 def test_first_loss_is_the_unadapted_reconstruction_error(runtime, ood_image):
     res = runtime.adapt_and_predict(ood_image, steps=2)
-    assert res.adaptation.losses[0] == pytest.approx(res.recon_mse, rel=1e-5)
+    assert res.adaptation.losses[0] == pytest.approx(runtime.predict(ood_image).recon_mse, rel=1e-5)
+    # ...and the result's own error is the adapted reconstruction's, the loss after the last step.
+    assert res.recon_mse == pytest.approx(res.adaptation.final_loss, rel=1e-5)
 
 
 def test_adapted_prediction_differs_from_the_unadapted_one(runtime, ood_image):

@@ -366,7 +366,9 @@ def test_tiny_model_folder_loads_and_segments(tiny_model_dir, ood_image):
     assert rt.name == "tiny-test" and rt.input_size == 16
     res = rt.adapt_and_predict(non_square(ood_image))
     check_result(res, (H, W), num_slots=3)
-    assert res.ood_scorer == "recon_mse" and res.ood_score == res.recon_mse  # the card has no OOD stats
+    # No OOD stats in the card: the score is the raw reconstruction error of the input before adaptation.
+    assert res.ood_scorer == "recon_mse"
+    assert res.ood_score == pytest.approx(rt.predict(non_square(ood_image)).recon_mse, rel=1e-5)
 
 
 def test_tiny_model_loads_by_card_and_by_weights_path(tiny_model_dir, state):

@@ -106,7 +106,7 @@ class Adapter:
         # Continual mode: the weights the model was loaded with, for reset(), and the carried optimizer.
         self._source = {k: t.detach().clone() for k, t in _state_tensors(model).items()}
         self._optimizer: torch.optim.Optimizer | None = None
-        self._opt_key: tuple[str, ...] | None = None
+        self._opt_key: tuple[object, ...] | None = None
 
     # -- state -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -151,7 +151,8 @@ class Adapter:
             for n, p in model.named_parameters():
                 p.requires_grad_(n in chosen)
             params = list(chosen.values())
-            key = tuple(chosen)
+            # A carried optimizer is reused only for the same parameters and the same optimizer settings.
+            key = (*chosen, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.optimizer_state)
             if cfg.mode == "continual" and self._optimizer is not None and self._opt_key == key:
                 opt = self._optimizer
             else:
@@ -218,8 +219,8 @@ class Adapter:
             if on_step is not None:
                 on_step(report.steps_run, final)
             report.timings["predict_s"] = time.perf_counter() - t_pred
-            if cfg.mode == "continual":
-                self._optimizer, self._opt_key = opt, key
+            if cfg.mode == "continual":  # after a rollback the moments belong to weights we threw away
+                self._optimizer, self._opt_key = (None, None) if report.rolled_back else (opt, key)
             ok = True
         finally:
             for n, p in model.named_parameters():
@@ -227,6 +228,8 @@ class Adapter:
                 p.grad = None
             if cfg.mode == "episodic" or not ok:
                 self._restore(start_state)
+            if not ok:  # the carried optimizer may have stepped: it no longer matches the restored weights
+                self._optimizer, self._opt_key = None, None
         report.timings["total_s"] = time.perf_counter() - t0
         return final, report
 

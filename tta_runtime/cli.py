@@ -200,7 +200,7 @@ def _cmd_ood_fit(args: argparse.Namespace) -> int:
     from .ood import fit_ood, save_calibration
 
     folder = find_model(args.model)
-    rt = Runtime.from_pretrained(folder)
+    rt = Runtime.from_pretrained(folder, load_calibration=False)  # an old calibration may be stale: refit it
     cals = fit_ood(rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256, progress=True)
     out = save_calibration(folder, cals)
     for name, cal in cals.items():
@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except TTARuntimeError as e:  # our own errors already say what to do: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as e:  # a file argument that cannot be read or parsed
         print(f"error: {e}", file=sys.stderr)
         return 2
 

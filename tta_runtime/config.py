@@ -168,6 +168,7 @@ class RuntimeOptions(_Frozen):
     ood_scorer: str | None = Field(
         None, description="calibrated scorer for ood_score / is_ood (default: the calibration's default scorer)"
     )
+    load_calibration: bool = Field(True, description="load <model>/ood/ (False: to refit it, e.g. after retraining)")
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:

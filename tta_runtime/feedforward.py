@@ -50,7 +50,9 @@ from .errors import ConfigError, InvalidInputError, ModelLoadError
 from .metrics import fg_ari, hungarian_match
 from .scenes import generate_scenes, max_objects
 from .hub import sha256_file
-from .train import TRAIN_SEED, VAL_SEED, matched_bce, to_tensor
+from .scenes import TRAIN_SEED, VAL_SEED
+from .segmenter import images_to_tensor as to_tensor
+from .train import matched_bce
 
 __all__ = [
     "FeedForwardCard",

@@ -30,7 +30,7 @@ _PKG = Path(__file__).resolve().parent
 
 
 def _roots(kind: str, env: str) -> list[Path]:
-    roots = [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p]
+    roots = [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p and Path(p).is_dir()]
     for candidate in (_PKG / "_shipped" / kind, _PKG.parent / kind):  # installed wheel, source checkout
         if candidate.is_dir():
             roots.append(candidate)

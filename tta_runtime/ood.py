@@ -50,8 +50,8 @@ from pydantic import Field
 from .config import _Frozen, validate
 from .errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
 from .registry import Registry
-from .scenes import OOD_SPLITS, generate_scenes
-from .train import VAL_SEED, to_tensor
+from .scenes import OOD_SPLITS, VAL_SEED, generate_scenes
+from .segmenter import images_to_tensor as to_tensor
 
 if TYPE_CHECKING:
     from .segmenter import SegmenterOutput, SlotSegmenter
@@ -999,7 +999,7 @@ def load_calibration(folder: str | os.PathLike[str]) -> dict[str, Calibration]:
 
 
 def _test_seed() -> int:
-    from .evaluate import TEST_SEED  # imported late: evaluate imports the runtime, which imports this module
+    from .scenes import TEST_SEED
 
     return TEST_SEED
 
@@ -1048,7 +1048,7 @@ def eval_ood(
 
     Returns {"seed", "n_images", "in_dist": {scorer: {"flagged"}}, "splits": {split: {scorer: {"auroc",
     "aupr", "fpr95", "flagged"}}}, "far_shift": {...}}; `flagged` is the fraction over the calibrated
-    threshold. `seed` defaults to the test seed (`tta_runtime.evaluate.TEST_SEED`).
+    threshold. `seed` defaults to the test seed (`tta_runtime.scenes.TEST_SEED`).
     """
     seed = _test_seed() if seed is None else seed
     if any(c.seed == seed and c.split == "in_dist" for c in calibrations.values()):

@@ -21,6 +21,7 @@ class Result:
       With a calibration in the model folder: the calibrated scorer (`ood_scorer`) and `is_ood` (score
       above the threshold fitted at 95% in-distribution TPR); without one: the reconstruction error as a
       z-score against the card's in-distribution statistics, and `is_ood` None
+    - `recon_mse`: mean squared error of `reconstruction` (after adaptation, if any) on the resized input
     - `adaptation`: what the adaptation did (None for `predict`)
     """
 

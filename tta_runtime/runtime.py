@@ -25,7 +25,7 @@ from .adapt import AdaptationReport, Adapter, StepCallback
 from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
 from .errors import ConfigError, ModelLoadError
 from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
-from .inputs import prepare_image, resize_image, resize_masks
+from .inputs import PreparedImage, prepare_image, resize_image, resize_masks
 from .ood import DEFAULT_SCORER, Calibration, features_from_output, load_calibration
 from .registry import unknown_name_message
 from .result import Result
@@ -84,7 +84,7 @@ class Runtime:
             recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
         self.calibration = self._load_calibration()
 
     # -- construction ------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Runtime:
             t1 = time.perf_counter()
             out, ood = self._frozen_path(x)
             t_fwd = time.perf_counter() - t1
-        return self._result(out, prepared, ood, None, {"preprocess_s": t_prep, "forward_s": t_fwd})
+        return self._result(out, prepared, ood, None, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
 
     def adapt_and_predict(
         self, image: Any, *, channel_order: str = "rgb", on_step: StepCallback | None = None,
@@ -163,7 +163,7 @@ class Runtime:
                 final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
             else:
                 final, report = before, self._skipped_report(recipe, skip, x)
-        result = self._result(final, prepared, ood, report, {"preprocess_s": t_prep, "forward_s": t_fwd})
+        result = self._result(final, prepared, ood, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
         result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
         return result
 
@@ -189,6 +189,8 @@ class Runtime:
 
     def _load_calibration(self) -> Calibration | None:
         """The calibrated OOD scorer from `<model folder>/ood/`, if the folder has one."""
+        if not self.options.load_calibration:
+            return None
         has = self.folder is not None and (self.folder / "ood").is_dir()
         if not has:
             if self.options.adapt == "when_ood" or self.options.ood_scorer is not None:
@@ -231,8 +233,8 @@ class Runtime:
         )
 
     def _result(
-        self, out: SegmenterOutput, prepared: Any, ood: tuple[float, str, bool | None, float], report: Any,
-        timings: dict[str, float],
+        self, out: SegmenterOutput, prepared: PreparedImage, ood: tuple[float, str, bool | None, float],
+        report: AdaptationReport | None, timings: dict[str, float], x: torch.Tensor,
     ) -> Result:
         s = self.input_size
         h, w = prepared.original_size
@@ -240,7 +242,9 @@ class Runtime:
         recon = out.reconstruction[0].detach().float().cpu().numpy().reshape(s, s, 3)
         masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
         recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
-        score, scorer, is_ood, mse = ood
+        score, scorer, is_ood, _ = ood
+        with torch.no_grad():  # this result's own reconstruction error (after adaptation, if any)
+            mse = float(((out.reconstruction - x.flatten(2).transpose(1, 2)) ** 2).mean())
         return Result(
             masks=masks.astype(np.float32, copy=False),
             segmentation=masks.argmax(0).astype(np.int64),

@@ -15,12 +15,16 @@ Grad policy belongs to the caller: nothing here disables or enables gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import SegmenterConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -163,6 +167,11 @@ class SlotSegmenter(nn.Module):
 
     def forward(self, image: torch.Tensor, pixel_idx: torch.Tensor | None = None) -> SegmenterOutput:
         return self.forward_features(self.encode(image), pixel_idx)
+
+
+def images_to_tensor(images: "np.ndarray") -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def image_targets(image: torch.Tensor, pixel_idx: torch.Tensor | None = None) -> torch.Tensor:

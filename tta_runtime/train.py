@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,12 @@ from . import checkpoint
 from .errors import ConfigError
 from .hub import sha256_file
 from .metrics import fg_ari, hungarian_match
-from .scenes import generate_scenes, max_objects
+from .scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from .segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss
+from .segmenter import images_to_tensor as to_tensor
 
 log = logging.getLogger(__name__)
 
-VAL_SEED = 1_000  # validation scenes: a seed the reported test splits never use
-TRAIN_SEED = 0
 
 
 class TrainConfig(_Frozen):
@@ -105,11 +105,6 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 def _mask_weight_at(cfg: TrainConfig, step: int) -> float:
     t = min(1.0, step / max(1, cfg.steps))
     return cfg.mask_weight + t * (cfg.mask_weight_final - cfg.mask_weight)
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @torch.no_grad()
@@ -234,6 +229,11 @@ def write_model_folder(
 ) -> Path:
     """Write `card.json` + `weights.safetensors` (+ the training log) for a trained model."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # What was measured on the previous weights no longer holds: remove it rather than ship it stale.
+    for stale in ("eval.json", "ood_eval.json", "gate_bench.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    if (out_dir / "ood").is_dir():
+        shutil.rmtree(out_dir / "ood")
     weights = out_dir / "weights.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
