@@ -201,6 +201,9 @@ class Adapter:
                     self._rollback(params, last_good, report, f"non-finite weights after step {step}")
                     break
                 report.steps_run = step + 1
+                if cfg.time_budget_ms is not None and (time.perf_counter() - t_loop) * 1e3 >= cfg.time_budget_ms:
+                    report.stopped_early = True
+                    break
                 if cfg.early_stop_patience is not None:
                     if value < best * (1 - cfg.early_stop_min_delta):
                         best, since_best = value, 0

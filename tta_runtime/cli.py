@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import shlex
@@ -290,6 +292,10 @@ def _cmd_train_feedforward(args: argparse.Namespace) -> int:
     return 0
 
 
+# Stage modules that define `add_cli(subparsers)`; a stage not built yet is simply absent.
+_CLI_MODULES = ("tta_runtime.video", "tta_runtime.export", "tta_runtime.classify_cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tta-runtime", description="Test-time adaptation runtime for slot-centric segmenters.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -386,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--run-dir", default="runs/feedforward")
     tf.add_argument("--steps", type=int, default=4000)
     tf.set_defaults(func=_cmd_train_feedforward)
+    for module in _CLI_MODULES:  # each stage module adds its own commands; heavy imports stay in the handlers
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_cli(sub)
     return p
 
 

@@ -43,6 +43,33 @@ class SegmenterConfig(_Frozen):
         return v
 
 
+class ClassifierConfig(_Frozen):
+    """Architecture of the small CNN classifiers (digits models): conv stages, a norm layer, two heads.
+
+    Each stage is conv3x3 -> norm -> ReLU -> conv3x3 -> norm -> ReLU, then 2x2 max-pool (not after the
+    last stage); global average pooling, then the class head and, when `rotation_head`, a 4-way rotation
+    head (0/90/180/270 degrees) on the same pooled features for TTT-style self-supervision.
+    """
+
+    resolution: int = Field(32, ge=8, le=512, description="square input size in pixels")
+    in_channels: int = Field(3, ge=1, le=4)
+    num_classes: int = Field(10, ge=2, le=100_000)
+    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1, max_length=6, description="channels per stage")
+    norm: Literal["batch", "group", "layer"] = Field(
+        "batch", description="'batch' (BatchNorm2d), 'group' (GroupNorm, `groups` groups) or 'layer' (GroupNorm(1))"
+    )
+    groups: int = Field(8, ge=1, le=512, description="GroupNorm groups when norm='group'")
+    rotation_head: bool = Field(True, description="train and ship a 4-way rotation head (TTT / rotation recipe)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> ClassifierConfig:
+        if self.resolution % (2 ** (len(self.widths) - 1)):
+            raise ValueError(f"resolution {self.resolution} must be divisible by 2**(len(widths)-1) for the poolings")
+        if self.norm == "group" and any(w % self.groups for w in self.widths):
+            raise ValueError(f"every width in {self.widths} must be divisible by groups={self.groups}")
+        return self
+
+
 class Preprocessing(_Frozen):
     """How an image becomes the model's input tensor."""
 
@@ -68,14 +95,20 @@ class ModelCard(_Frozen):
     """A shipped model's card (`card.json` in its folder)."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    task: Literal["segmentation"] = "segmentation"
-    architecture: Literal["slot_segmenter"] = "slot_segmenter"
+    task: Literal["segmentation", "classification"] = "segmentation"
+    architecture: Literal["slot_segmenter", "cnn_classifier"] = "slot_segmenter"
     description: str = ""
-    segmenter: SegmenterConfig
+    segmenter: SegmenterConfig | None = None
+    classifier: ClassifierConfig | None = None
+    labels: list[str] = Field(default_factory=list, description="class names, index = label (classifiers)")
     preprocessing: Preprocessing
     weights: WeightsSpec
     optimizer_state: WeightsSpec | None = Field(
         None, description="Adam moments at the end of training (safetensors), for recipes with optimizer_state='training'"
+    )
+    fisher: WeightsSpec | None = Field(
+        None, description="diagonal Fisher information of the adaptable parameters on in-distribution data "
+        "(safetensors, by parameter name), for EATA's anti-forgetting term"
     )
     default_recipe: str = "slot_tta"
     ood: OODStats | None = None
@@ -84,11 +117,20 @@ class ModelCard(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        if self.preprocessing.size != self.segmenter.resolution:
+        expected = {"segmentation": ("slot_segmenter", "segmenter"), "classification": ("cnn_classifier", "classifier")}
+        arch, section = expected[self.task]
+        if self.architecture != arch:
+            raise ValueError(f"task {self.task!r} needs architecture {arch!r}, got {self.architecture!r}")
+        other = "classifier" if section == "segmenter" else "segmenter"
+        cfg = getattr(self, section)
+        if cfg is None or getattr(self, other) is not None:
+            raise ValueError(f"a {self.task} card needs a '{section}' section and no '{other}' section")
+        if self.preprocessing.size != cfg.resolution:
             raise ValueError(
-                f"preprocessing.size ({self.preprocessing.size}) must equal segmenter.resolution "
-                f"({self.segmenter.resolution})"
+                f"preprocessing.size ({self.preprocessing.size}) must equal {section}.resolution ({cfg.resolution})"
             )
+        if self.labels and self.classifier is not None and len(self.labels) != self.classifier.num_classes:
+            raise ValueError(f"labels has {len(self.labels)} names but num_classes is {self.classifier.num_classes}")
         return self
 
 
@@ -127,6 +169,9 @@ class AdaptConfig(_Frozen):
         "fresh",
         description="'fresh': a new Adam per image; 'training': start Adam from the moments saved at the end of "
         "training (as the released Slot-TTA code does); needs a model that ships them",
+    )
+    time_budget_ms: float | None = Field(
+        None, gt=0, description="stop stepping once this much time has gone into the loop (streams); None = no limit"
     )
     mode: Literal["episodic", "continual"] = "episodic"
     seed: int = Field(0, description="seeds pixel subsets; the model itself is deterministic")
