@@ -292,7 +292,8 @@ def _cmd_train_feedforward(args: argparse.Namespace) -> int:
     return 0
 
 
-# Stage modules that define `add_cli(subparsers)`; a stage not built yet is simply absent.
+# Stage modules that define `add_cli(commands, bench_commands)` (argparse subparser actions for top-level
+# commands and for `bench ...`); a stage not built yet is simply absent.
 _CLI_MODULES = ("tta_runtime.video", "tta_runtime.export", "tta_runtime.classify_cli")
 
 
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     tf.set_defaults(func=_cmd_train_feedforward)
     for module in _CLI_MODULES:  # each stage module adds its own commands; heavy imports stay in the handlers
         if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).add_cli(sub)
+            importlib.import_module(module).add_cli(sub, bsub)
     return p
 
 
