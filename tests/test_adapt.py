@@ -217,7 +217,11 @@ def test_rolled_back_result_is_finite(runtime, ood_image, optimizer):
 class NanGradient:
     """Reconstruction MSE plus a term whose value is 0 but whose gradient is NaN (0 * d sqrt(x)/dx at 0)."""
 
+    task = "segmentation"
     default_params = "all"
+
+    def __init__(self, context=None):
+        pass
 
     def loss(self, out, target):
         zero = out.reconstruction.sum() * 0.0

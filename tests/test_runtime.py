@@ -209,8 +209,8 @@ BAD_INPUTS = {
     "bool": (lambda tmp: np.zeros((8, 8, 3), bool), "dtype=bool"),
     "int64_over_255": (lambda tmp: np.full((8, 8, 3), 300, np.int64), "300"),
     "chw_numpy": (lambda tmp: np.zeros((3, 32, 32), np.uint8), "shape=(3, 32, 32)"),
-    "batch_numpy": (lambda tmp: np.zeros((2, 32, 32, 3), np.uint8), "shape=(2, 32, 32, 3)"),
-    "batch_tensor": (lambda tmp: torch.zeros(2, 3, 32, 32), "shape=(2, 3, 32, 32)"),
+    "empty_batch": (lambda tmp: np.zeros((0, 32, 32, 3), np.uint8), "at least one image"),
+    "bad_image_in_batch": (lambda tmp: [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 2), np.uint8)], "image 1 of the batch"),
     "hwc_tensor": (lambda tmp: torch.zeros(32, 32, 3), "shape=(32, 32, 3)"),
     "bool_tensor": (lambda tmp: torch.zeros(3, 8, 8, dtype=torch.bool), "torch.bool"),
     "missing_file": (lambda tmp: str(tmp / "nope.png"), "nope.png"),
@@ -236,6 +236,21 @@ def test_bad_input_raises_invalid_input_and_leaves_the_runtime_intact(
     state.assert_bit_exact(runtime.model, source_state)
     state.assert_all_require_grad(runtime.model)
     assert runtime.predict(ood_image).masks.shape[0] == runtime.card.segmenter.num_slots
+
+
+@pytest.mark.parametrize("call", ["predict", "adapt_and_predict"])
+def test_a_batch_gives_one_result_per_image_equal_to_single_calls(runtime, source_state, state, ood_image, call):
+    other = np.ascontiguousarray(ood_image[::-1])
+    kw = {"steps": 2} if call == "adapt_and_predict" else {}
+    singles = [getattr(runtime, call)(im, **kw) for im in (ood_image, other)]
+    for batch in (np.stack([ood_image, other]), [ood_image, other], torch.from_numpy(np.stack([ood_image, other])).permute(0, 3, 1, 2)):
+        results = getattr(runtime, call)(batch, **kw)
+        assert isinstance(results, list) and len(results) == 2
+        for res, single in zip(results, singles):
+            np.testing.assert_allclose(res.masks, single.masks, atol=1e-5)
+            assert res.ood_score == pytest.approx(single.ood_score, abs=1e-5)
+    assert isinstance(getattr(runtime, call)(ood_image[None], **kw), list)  # numpy (1, H, W, C) is a batch of one
+    state.assert_bit_exact(runtime.model, source_state)
 
 
 @pytest.mark.parametrize("call", ["predict", "adapt_and_predict"])

@@ -1,8 +1,11 @@
 """The adaptation loop: the one place where test-time gradient steps happen.
 
 Per call: choose the parameters (recipe `params`), snapshot the model on its own device, build or reuse
-the optimizer, then for each step decode (all pixels or a random subset), take the method's loss,
-check it and the gradients are finite, clip, step. Afterwards predict once with the adapted weights.
+the optimizer, then for each step take the method's loss (a slot model decodes all pixels or a random
+subset; a classifier method runs the model on the batch or on views of it), check it and the gradients
+are finite, clip, step (SAM: climb to the worst nearby weights, take the gradient there, come back,
+step). Afterwards predict once with the adapted weights. For classifiers the recipe's `norm_stats`
+chooses the BatchNorm statistics for the whole call, adaptation and prediction.
 Episodic mode restores parameters and buffers bit for bit after every call, whatever happened;
 continual mode keeps them (and the optimizer state) until `reset()`.
 
@@ -24,12 +27,13 @@ from torch import nn
 
 from .config import AdaptConfig
 from .errors import ConfigError
-from .methods import Method, get_method
+from .methods import Method, MethodContext, get_method
+from .methods.base import entropy
 from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, SegmenterOutput], None]
+StepCallback = Callable[[int, Any], None]
 
 
 @dataclass
@@ -49,6 +53,8 @@ class AdaptationReport:
     rolled_back: bool = False
     rollback_reason: str | None = None
     skipped: str | None = None  # why no step ran (the OOD gate said the input is in distribution)
+    reset: bool = False  # continual mode: the method signalled collapse and the model was reset after this call
+    method_info: dict[str, Any] = field(default_factory=dict)  # e.g. how many samples a filter kept
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -56,7 +62,7 @@ class AdaptationReport:
         return asdict(self)
 
 
-def select_parameters(model: SlotSegmenter, spec: str) -> dict[str, nn.Parameter]:
+def select_parameters(model: nn.Module, spec: str) -> dict[str, nn.Parameter]:
     """Parameters named by a recipe's `params` ('all', 'norm', 'no_encoder', 'decoder', 're:<regex>')."""
     named = dict(model.named_parameters())
     if spec == "all":
@@ -82,6 +88,7 @@ def select_parameters(model: SlotSegmenter, spec: str) -> dict[str, nn.Parameter
 
 
 def _build_optimizer(params: list[nn.Parameter], cfg: AdaptConfig) -> torch.optim.Optimizer:
+    """Adam or SGD; for 'sam' the base SGD (the loop does the sharpness-aware climb itself)."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -95,26 +102,47 @@ class Adapter:
     """Runs adaptation on one model. Not thread-safe by itself: the `Runtime` serialises calls."""
 
     def __init__(
-        self, model: SlotSegmenter, cfg: AdaptConfig, *, recipe_name: str | None = None,
+        self, model: nn.Module, cfg: AdaptConfig, *, recipe_name: str | None = None,
         training_optimizer_state: dict[str, torch.Tensor] | None = None,
+        fisher: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.task = "segmentation" if isinstance(model, SlotSegmenter) else "classification"
         self.training_optimizer_state = training_optimizer_state
         self.cfg = cfg
         self.recipe_name = recipe_name or cfg.name
-        self.method: Method = get_method(cfg.method)
         # Continual mode: the weights the model was loaded with, for reset(), and the carried optimizer.
         self._source = {k: t.detach().clone() for k, t in _state_tensors(model).items()}
+        head = getattr(model, "head", None)
+        self._context = MethodContext(
+            fisher=fisher, source={n: p.detach().clone() for n, p in model.named_parameters()},
+            num_classes=int(head.out_features) if isinstance(head, nn.Linear) else 0,
+        )
+        self._methods: dict[str, Method] = {}  # one instance per method name: some keep state across calls
+        self.method: Method = self._method(cfg.method)
         self._optimizer: torch.optim.Optimizer | None = None
         self._opt_key: tuple[object, ...] | None = None
 
+    def _method(self, name: str) -> Method:
+        if name not in self._methods:
+            method = get_method(name, self._context)
+            if method.task != self.task:
+                raise ConfigError(
+                    f"method {name!r} adapts {method.task} models, but this model does {self.task}; "
+                    f"use a {self.task} recipe (tta-runtime list)"
+                )
+            self._methods[name] = method
+        return self._methods[name]
+
     # -- state -------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Back to the loaded weights and a fresh optimizer (continual mode's reset)."""
+        """Back to the loaded weights, a fresh optimizer and fresh method state (continual mode's reset)."""
         with torch.no_grad():
             for k, t in _state_tensors(self.model).items():
                 t.copy_(self._source[k])
         self._optimizer, self._opt_key = None, None
+        self._methods.clear()
+        self.method = self._method(self.cfg.method)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: t.detach().clone() for k, t in _state_tensors(self.model).items()}
@@ -127,15 +155,17 @@ class Adapter:
     # -- the loop ----------------------------------------------------------------------------------
     def run(
         self, image: torch.Tensor, *, cfg: AdaptConfig | None = None, on_step: StepCallback | None = None
-    ) -> tuple[SegmenterOutput, AdaptationReport]:
-        """Adapt on one image (1, 3, S, S) in [0, 1] and predict with the adapted weights.
+    ) -> tuple[Any, AdaptationReport]:
+        """Adapt on one image (1, 3, S, S) in [0, 1] (a classifier: a batch (B, 3, S, S)) and predict with
+        the adapted weights.
 
-        `on_step(i, out)` sees the full-resolution output before update i and, last, after the final
-        update (i = steps_run): evaluation uses it for per-step metrics (the oracle best step).
-        Returns the final prediction (all pixels, no autograd graph) and the report.
+        `on_step(i, out)` sees the full output before update i and, last, after the final update
+        (i = steps_run): evaluation uses it for per-step metrics (the oracle best step).
+        Returns the final prediction (`SegmenterOutput` or `ClassifierOutput`, all pixels, no autograd
+        graph) and the report.
         """
         cfg = cfg or self.cfg
-        method = self.method if cfg.method == self.cfg.method else get_method(cfg.method)
+        method = self._method(cfg.method)
         model = self.model
         chosen = select_parameters(model, cfg.params)
         report = AdaptationReport(
@@ -147,6 +177,11 @@ class Adapter:
         start_state = self._snapshot()  # on the model's device; restores episodic calls and failures
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         ok = False
+        classifier = self.task == "classification"
+        if classifier:
+            from .classifier import set_norm_mode
+
+            set_norm_mode(model, cfg.norm_stats, cfg.norm_prior)
         try:
             for n, p in model.named_parameters():
                 p.requires_grad_(n in chosen)
@@ -159,7 +194,7 @@ class Adapter:
                 opt = _build_optimizer(params, cfg)
                 if cfg.optimizer_state == "training":
                     self._load_training_moments(opt, chosen)
-            frozen_encoder = not any(n.startswith("encoder.") for n in chosen)
+            frozen_encoder = not classifier and not any(n.startswith("encoder.") for n in chosen)
             features = None
             if frozen_encoder:  # the encoder's output cannot change: compute it once for every step
                 with torch.no_grad():
@@ -177,15 +212,21 @@ class Adapter:
                 if n_sub < n_pix:
                     idx = torch.randperm(n_pix, generator=gen)[:n_sub].to(image.device)
                 with torch.enable_grad():
-                    out = model.forward_features(features, idx) if features is not None else model(image, idx)
-                    loss = method.loss(out, image_targets(image, idx))
+                    if classifier:
+                        loss = method.loss(model, image, gen)
+                    else:
+                        out = model.forward_features(features, idx) if features is not None else model(image, idx)
+                        loss = method.loss(out, image_targets(image, idx))
                 if on_step is not None:
-                    on_step(step, out if idx is None else self._full_forward(image, features))
+                    on_step(step, self._full_forward(image, features) if classifier or idx is not None else out)
                 value = float(loss.detach())
                 report.losses.append(value)
                 if not torch.isfinite(loss):
                     self._rollback(params, last_good, report, f"non-finite loss at step {step}")
                     break
+                if not loss.requires_grad:  # the method kept no sample of this batch (EATA, SAR): no update
+                    report.steps_run = step + 1
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad for p in params if p.grad is not None]
@@ -196,6 +237,9 @@ class Adapter:
                     torch._foreach_copy_(last_good, [p.detach() for p in params])
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.optimizer == "sam" and not self._sam_second_pass(method, image, gen, params, cfg.sam_rho):
+                    self._rollback(params, last_good, report, f"non-finite sharpness-aware loss at step {step}")
+                    break
                 opt.step()
                 if not all(torch.isfinite(p).all() for p in params):
                     self._rollback(params, last_good, report, f"non-finite weights after step {step}")
@@ -216,9 +260,11 @@ class Adapter:
 
             t_pred = time.perf_counter()
             final = self._full_forward(image, features)
-            target = image_targets(image)
-            with torch.no_grad():
-                report.final_loss = float(method.loss(final, target))
+            with torch.no_grad():  # classifiers: the mean prediction entropy, whatever the method's loss
+                report.final_loss = float(
+                    entropy(final.logits).mean() if classifier else method.loss(final, image_targets(image))
+                )
+            report.method_info = dict(getattr(method, "info", {}))
             if on_step is not None:
                 on_step(report.steps_run, final)
             report.timings["predict_s"] = time.perf_counter() - t_pred
@@ -229,10 +275,16 @@ class Adapter:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
                 p.grad = None
+            if classifier:
+                set_norm_mode(model, "source")
             if cfg.mode == "episodic" or not ok:
                 self._restore(start_state)
             if not ok:  # the carried optimizer may have stepped: it no longer matches the restored weights
                 self._optimizer, self._opt_key = None, None
+        if cfg.mode == "continual" and getattr(method, "needs_reset", False):
+            log.info("method %s signalled collapse: resetting the model to its loaded weights", cfg.method)
+            self.reset()
+            report.reset = True
         report.timings["total_s"] = time.perf_counter() - t0
         return final, report
 
@@ -252,9 +304,32 @@ class Adapter:
                 "exp_avg_sq": state[f"exp_avg_sq/{name}"].to(p.device, copy=True),
             }
 
-    def _full_forward(self, image: torch.Tensor, features: torch.Tensor | None) -> SegmenterOutput:
+    def _full_forward(self, image: torch.Tensor, features: torch.Tensor | None) -> Any:
         with torch.no_grad():
             return self.model.forward_features(features) if features is not None else self.model(image)
+
+    def _sam_second_pass(
+        self, method: Method, image: torch.Tensor, gen: torch.Generator, params: list[nn.Parameter], rho: float
+    ) -> bool:
+        """SAM (Foret et al. 2021): move to w + rho * g / |g|, replace the gradient by the one taken there,
+        move back. The base optimizer then steps from w. False when the perturbed loss is not finite."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        norm = torch.norm(torch.stack([g.norm() for g in grads]))
+        scale = rho / (norm + 1e-12)
+        with torch.no_grad():
+            eps = [g * scale for g in grads]
+            torch._foreach_add_(params, eps)
+        for p in params:
+            p.grad = None
+        second = getattr(method, "sam_loss", method.loss)
+        with torch.enable_grad():
+            loss = second(self.model, image, gen)
+        finite = bool(torch.isfinite(loss))
+        if finite and loss.requires_grad:
+            loss.backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, eps)
+        return finite
 
     @staticmethod
     def _rollback(params: list[nn.Parameter], last_good: list[torch.Tensor], report: AdaptationReport, why: str) -> None:

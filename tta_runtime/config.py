@@ -152,9 +152,12 @@ class AdaptConfig(_Frozen):
         description="'all', 'norm' (norm-layer affine only), 'no_encoder' (encoder frozen and run once), "
         "'decoder', or 're:<regex>' matched against parameter names",
     )
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd", "sam"] = Field(
+        "adam", description="'sam': sharpness-aware minimisation (Foret et al. 2021) over SGD, as SAR uses"
+    )
     lr: float = Field(5e-4, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD and SAM's base SGD")
+    sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius")
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(150, ge=0, le=100_000)
     grad_clip: float | None = Field(None, gt=0, description="max global grad norm; None = no clipping")
@@ -170,6 +173,12 @@ class AdaptConfig(_Frozen):
         description="'fresh': a new Adam per image; 'training': start Adam from the moments saved at the end of "
         "training (as the released Slot-TTA code does); needs a model that ships them",
     )
+    norm_stats: Literal["source", "batch", "prior"] = Field(
+        "source",
+        description="BatchNorm statistics while adapting and predicting (classifiers): 'source' (training "
+        "statistics), 'batch' (the test batch's), 'prior' (source mixed with the batch's, strength norm_prior)",
+    )
+    norm_prior: float = Field(16.0, gt=0, description="N in (N * source + n * batch) / (N + n) for norm_stats='prior'")
     time_budget_ms: float | None = Field(
         None, gt=0, description="stop stepping once this much time has gone into the loop (streams); None = no limit"
     )

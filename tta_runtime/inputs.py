@@ -117,6 +117,33 @@ def prepare_image(
     return _prepare_array(array, order, out_hw, max_pixels, what)
 
 
+def split_batch(images: Any, *, gray_batches: bool = False) -> list[Any] | None:
+    """The images of a batch, one by one, or None when `images` is a single image.
+
+    A batch is a numpy array (N, H, W, C) (any N, even 1), a torch tensor (N, C, H, W) with N > 1 (a
+    (1, C, H, W) tensor stays one image, as `prepare_image` reads it), or a list/tuple of images (arrays,
+    tensors, paths or PIL images). With `gray_batches` (classifiers), a numpy array (N, H, W) whose last
+    axis is not a channel count (1, 3 or 4) is a batch of gray images too. Each item is then checked by
+    `prepare_image` like a single image.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            if images.shape[0] == 0:
+                raise InvalidInputError(f"got {_describe(images)}; a batch needs at least one image")
+            return list(images)
+        if gray_batches and images.ndim == 3 and images.shape[2] not in (1, 3, 4):
+            return list(images)
+        return None
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.ndim == 4 and images.shape[0] > 1 else None
+    if isinstance(images, (list, tuple)) and images and all(
+        isinstance(x, (np.ndarray, torch.Tensor, str, os.PathLike)) or type(x).__module__.startswith("PIL")
+        for x in images
+    ):
+        return list(images)
+    return None
+
+
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize slot masks to another resolution, keeping them a distribution over slots.
 

@@ -10,28 +10,46 @@ import numpy as np
 from .adapt import AdaptationReport
 
 
+def _empty(*shape: int, dtype: type = np.float32) -> Any:
+    return field(default_factory=lambda: np.zeros(shape, dtype), repr=False)
+
+
 @dataclass
 class Result:
-    """One image's prediction, at the input image's own resolution (H, W).
+    """One image's prediction. Segmenters fill the mask fields, classifiers the class fields.
 
+    Segmentation (at the input image's own resolution (H, W)):
     - `masks`: (K, H, W) float32 in [0, 1], summing to 1 over K (one soft mask per slot)
     - `segmentation`: (H, W) int64 slot ids (argmax of `masks`)
     - `reconstruction`: (H, W, 3) float32 in [0, 1], the model's rendering of the image
+    - `recon_mse`: mean squared error of `reconstruction` (after adaptation, if any) on the resized input
+
+    Classification:
+    - `logits`: (C,) float32; `probs`: (C,) float32 softmax, summing to 1; `label`: int, the argmax;
+      `label_name`: the card's name for it ("" when the card has no labels)
+
+    Both:
     - `ood_score`: how far the input is from the training data, before adaptation (higher = further).
       With a calibration in the model folder: the calibrated scorer (`ood_scorer`) and `is_ood` (score
-      above the threshold fitted at 95% in-distribution TPR); without one: the reconstruction error as a
-      z-score against the card's in-distribution statistics, and `is_ood` None
-    - `recon_mse`: mean squared error of `reconstruction` (after adaptation, if any) on the resized input
-    - `adaptation`: what the adaptation did (None for `predict`)
+      above the threshold fitted at 95% in-distribution TPR); without one: a segmenter reports the
+      reconstruction error as a z-score against the card's statistics, a classifier the energy score
+      (-logsumexp of the logits), and `is_ood` is None
+    - `adaptation`: what the adaptation did (None for `predict`); for a batch, every image's Result shares
+      the one report of the batch's adaptation
     """
 
-    masks: np.ndarray
-    segmentation: np.ndarray
-    reconstruction: np.ndarray | None
-    ood_score: float
-    ood_scorer: str
-    recon_mse: float
+    masks: np.ndarray = _empty(0, 0, 0)
+    segmentation: np.ndarray = _empty(0, 0, dtype=np.int64)
+    reconstruction: np.ndarray | None = None
+    ood_score: float = float("nan")
+    ood_scorer: str = ""
+    recon_mse: float = float("nan")
     is_ood: bool | None = None  # score above the calibrated threshold; None when the model has no calibration
+    logits: np.ndarray = _empty(0)
+    probs: np.ndarray = _empty(0)
+    label: int = -1
+    label_name: str = ""
+    task: str = "segmentation"
     image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8), repr=False)  # input, for overlays
     model: str = ""
     device: str = "cpu"
@@ -50,21 +68,30 @@ class Result:
         return overlay_masks(self.image, self.masks, alpha=alpha, outlines=outlines)
 
     def to_dict(self, arrays: bool = False) -> dict[str, Any]:
-        """JSON-ready summary; `arrays=True` adds the masks and segmentation as nested lists."""
+        """JSON-ready summary; `arrays=True` adds the masks and segmentation (or logits) as nested lists."""
         out: dict[str, Any] = {
             "model": self.model,
+            "task": self.task,
             "device": self.device,
             "backend": self.backend,
-            "image_size": list(self.segmentation.shape),
-            "num_slots": self.num_slots,
-            "slots_used": int(len(np.unique(self.segmentation))),
             "ood_score": self.ood_score,
             "ood_scorer": self.ood_scorer,
             "is_ood": self.is_ood,
-            "recon_mse": self.recon_mse,
             "timings": dict(self.timings),
             "adaptation": None if self.adaptation is None else self.adaptation.to_dict(),
         }
+        if self.task == "classification":
+            out.update({"label": self.label, "label_name": self.label_name, "confidence": float(self.probs[self.label])})
+            if arrays:
+                out["logits"] = self.logits.tolist()
+                out["probs"] = self.probs.tolist()
+            return out
+        out.update({
+            "image_size": list(self.segmentation.shape),
+            "num_slots": self.num_slots,
+            "slots_used": int(len(np.unique(self.segmentation))),
+            "recon_mse": self.recon_mse,
+        })
         if arrays:
             out["masks"] = self.masks.tolist()
             out["segmentation"] = self.segmentation.tolist()

@@ -1,8 +1,11 @@
 """The runtime: one request read top to bottom.
 
-image -> prepare (validate, RGB, resize to the card's size) -> segmenter forward (frozen path, OOD score)
--> [adaptation loop: recipe's loss on the image, gradient steps, episodic reset] -> masks mapped back to
-the image's own size -> `Result`.
+image(s) -> prepare (validate, RGB, resize to the card's size) -> model forward (frozen path, OOD score)
+-> [adaptation loop: recipe's loss on the input, gradient steps, episodic reset] -> masks mapped back to
+the image's own size (segmenters) or class probabilities (classifiers) -> `Result` (one per image).
+
+The model kind comes from the card: a slot segmenter adapts per image (a batch is adapted image by
+image); a classifier adapts on the whole batch at once (batch statistics, Tent at batch 64).
 
 Thread safety: a `Runtime` owns one model; every call takes the runtime's lock for its whole duration,
 so concurrent calls run one after another and each sees exactly the state it would see alone (in
@@ -23,16 +26,17 @@ import torch
 
 from .adapt import AdaptationReport, Adapter, StepCallback
 from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, InvalidInputError, ModelLoadError
 from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
-from .inputs import PreparedImage, prepare_image, resize_image, resize_masks
-from .ood import DEFAULT_SCORER, Calibration, features_from_output, load_calibration
+from .inputs import PreparedImage, prepare_image, resize_image, resize_masks, split_batch
+from .ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output, load_calibration
 from .registry import unknown_name_message
 from .result import Result
 from .segmenter import SegmenterOutput, SlotSegmenter
 
 log = logging.getLogger(__name__)
 
+OODInfo = tuple[float, str, "bool | None", float]  # (score, scorer, is_ood, recon_mse) of one image
 _RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
 
@@ -70,9 +74,9 @@ class Runtime:
     """A loaded model plus its adaptation recipe. Build with `Runtime.from_pretrained`."""
 
     def __init__(
-        self, model: SlotSegmenter, card: ModelCard, *, options: RuntimeOptions | None = None,
+        self, model: torch.nn.Module, card: ModelCard, *, options: RuntimeOptions | None = None,
         recipe: AdaptConfig | None = None, folder: Path | None = None,
-        optimizer_state: dict[str, torch.Tensor] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None, fisher: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.options = options or RuntimeOptions()
         self.card = card
@@ -83,7 +87,7 @@ class Runtime:
         if self.options.mode is not None:
             recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
         self.recipe = recipe
-        self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state)
+        self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
         self.calibration = self._load_calibration()
 
@@ -102,14 +106,17 @@ class Runtime:
         if "recipe" not in runtime_kw:
             options = with_overrides(options, {"recipe": card.default_recipe}, "runtime options")
         recipe = load_recipe(options.recipe, **recipe_kw)
-        model = SlotSegmenter(card.segmenter)
+        model = build_model(card)
         state = load_weights(folder, card)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
         optimizer_state = load_optimizer_state(folder, card)
-        return cls(model, card, options=options, recipe=recipe, folder=folder, optimizer_state=optimizer_state)
+        fisher = load_weights(folder, card, card.fisher) if card.fisher is not None else None
+        return cls(
+            model, card, options=options, recipe=recipe, folder=folder, optimizer_state=optimizer_state, fisher=fisher
+        )
 
     @property
     def name(self) -> str:
@@ -119,53 +126,95 @@ class Runtime:
     def input_size(self) -> int:
         return self.card.preprocessing.size
 
+    @property
+    def task(self) -> str:
+        """'segmentation' or 'classification' (from the card)."""
+        return self.card.task
+
     # -- requests ----------------------------------------------------------------------------------
-    def predict(self, image: Any, *, channel_order: str = "rgb") -> Result:
-        """Segment one image without adapting. See `Result` for shapes and ranges."""
+    def predict(self, image: Any, *, channel_order: str = "rgb") -> Result | list[Result]:
+        """Predict without adapting: one Result for one image, a list for a batch (see `split_batch`:
+        numpy (N, H, W, C), torch (N, C, H, W) with N > 1, a list of images; classifiers also take gray
+        numpy (N, H, W)). See `Result` for shapes and ranges."""
+        items, is_batch = self._items(image)
         t0 = time.perf_counter()
-        prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
-        x = prepared.tensor.to(self.device)
+        prepared = self._prepare(items, channel_order)
+        x = torch.cat([p.tensor for p in prepared]).to(self.device)
         t_prep = time.perf_counter() - t0
         with self._lock:
             t1 = time.perf_counter()
-            out, ood = self._frozen_path(x)
+            out, oods = self._frozen_path(x)
             t_fwd = time.perf_counter() - t1
-        return self._result(out, prepared, ood, None, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
+        results = self._results(out, prepared, oods, None, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
+        return results if is_batch else results[0]
 
     def adapt_and_predict(
         self, image: Any, *, channel_order: str = "rgb", on_step: StepCallback | None = None,
         adapt: str | None = None, **overrides: Any,
-    ) -> Result:
-        """Adapt to one image with the runtime's recipe (fields overridable per call), then segment it.
+    ) -> Result | list[Result]:
+        """Adapt with the runtime's recipe (fields overridable per call), then predict.
 
+        One image gives one Result, a batch a list (as `predict`). A segmenter adapts to each image of a
+        batch in turn; a classifier adapts once on the whole batch (the recipe's loss is a batch loss).
         `adapt` ("always" | "never" | "when_ood", default: the runtime's option) gates the adaptation:
-        with "when_ood", an input the calibrated OOD scorer calls in-distribution takes the predict path
-        and its report says why no step ran. In episodic mode (default) the model's parameters and
+        with "when_ood", inputs the calibrated OOD scorer calls in-distribution take the predict path
+        and their report says why no step ran. In episodic mode (default) the model's parameters and
         buffers are bit-exact afterwards; in continual mode the adapted state carries over to the next
         call until `reset()`.
         """
-        t0 = time.perf_counter()
         gate = self._gate(adapt)
         recipe = self._recipe_for(overrides)
-        prepared = prepare_image(image, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels)
-        x = prepared.tensor.to(self.device)
+        items, is_batch = self._items(image)
+        t0 = time.perf_counter()
+        prepared = self._prepare(items, channel_order)
         t_prep = time.perf_counter() - t0
+        if self.task == "segmentation":
+            results = [self._adapt_segmenter(p, gate, recipe, on_step, t_prep / len(prepared)) for p in prepared]
+        else:
+            results = self._adapt_classifier(prepared, gate, recipe, on_step, t_prep)
+        return results if is_batch else results[0]
+
+    def _adapt_segmenter(
+        self, prepared: PreparedImage, gate: str, recipe: AdaptConfig, on_step: StepCallback | None, t_prep: float
+    ) -> Result:
+        x = prepared.tensor.to(self.device)
         with self._lock:
             t1 = time.perf_counter()
-            before, ood = self._frozen_path(x)  # the OOD score is about the input before adaptation
+            before, oods = self._frozen_path(x)  # the OOD score is about the input before adaptation
             t_fwd = time.perf_counter() - t1
-            skip = None
-            if gate == "never":
-                skip = "adapt='never'"
-            elif gate == "when_ood" and not ood[2]:
-                skip = f"in distribution ({ood[1]} {ood[0]:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
+            skip = self._skip_reason(gate, oods[0])
             if skip is None:
                 final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
             else:
                 final, report = before, self._skipped_report(recipe, skip, x)
-        result = self._result(final, prepared, ood, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
+        result = self._results(final, [prepared], oods, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)[0]
         result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
         return result
+
+    def _adapt_classifier(
+        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
+        t_prep: float,
+    ) -> list[Result]:
+        """One adaptation on the batch's images that pass the gate; the others keep the frozen prediction."""
+        x = torch.cat([p.tensor for p in prepared]).to(self.device)
+        with self._lock:
+            t1 = time.perf_counter()
+            before, oods = self._frozen_path(x)
+            t_fwd = time.perf_counter() - t1
+            reasons = [self._skip_reason(gate, o) for o in oods]
+            chosen = [i for i, r in enumerate(reasons) if r is None]
+            logits = before.logits.clone()
+            if chosen:
+                final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
+                logits[chosen] = final.logits
+            else:
+                report = self._skipped_report(recipe, reasons[0] or "", x)
+        timings = {"preprocess_s": t_prep, "forward_s": t_fwd, **{f"adapt_{k}": v for k, v in report.timings.items()}}
+        results = self._classifier_results(logits, prepared, oods, report, timings)
+        for i, r in enumerate(reasons):
+            if r is not None and chosen:  # adapted batch, but this image was in distribution: say so
+                results[i].adaptation = self._skipped_report(recipe, r, x)
+        return results
 
     def reset(self) -> None:
         """Back to the loaded weights (continual mode); a no-op in effect for episodic use."""
@@ -210,21 +259,55 @@ class Runtime:
             load_calibration(self.folder or Path("."))  # raises, saying how to fit one
         return gate
 
-    def _frozen_path(self, x: torch.Tensor) -> tuple[SegmenterOutput, tuple[float, str, bool | None, float]]:
-        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) for the input."""
+    def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODInfo]]:
+        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) per image."""
+        cal = self.calibration
         with torch.inference_mode():
-            encoded = self.model.encode(x)
-            out = self.model.forward_features(encoded)
-            cal = self.calibration
-            feats = features_from_output(self.model, x, out, encoded=encoded, embedding=cal.embedding if cal else "encoder")
-        mse = float(feats.recon_mse[0])
+            if self.task == "classification":
+                out = self.model(x)
+                feats = OODFeatures(logits=out.logits, embedding=out.features)
+            else:
+                encoded = self.model.encode(x)
+                out = self.model.forward_features(encoded)
+                feats = features_from_output(
+                    self.model, x, out, encoded=encoded, embedding=cal.embedding if cal else "encoder"
+                )
+        n = x.shape[0]
+        mse = feats.recon_mse.float().cpu().numpy() if feats.recon_mse is not None else np.full(n, np.nan)
         if cal is not None:
-            score = float(cal.score(feats)[0])
-            return out, (score, cal.scorer, bool(score > cal.threshold), mse)
+            scores = cal.score(feats)
+            return out, [(float(sc), cal.scorer, bool(sc > cal.threshold), float(m)) for sc, m in zip(scores, mse)]
+        if self.task == "classification":  # energy (Liu et al. 2020), uncalibrated
+            energy = (-torch.logsumexp(out.logits.float(), dim=1)).cpu().numpy()
+            return out, [(float(e), "energy", None, float("nan")) for e in energy]
         stats = self.card.ood
         if stats is None:
-            return out, (mse, "recon_mse", None, mse)
-        return out, ((mse - stats.recon_mse_mean) / stats.recon_mse_std, "recon_mse_z", None, mse)
+            return out, [(float(m), "recon_mse", None, float(m)) for m in mse]
+        return out, [(float((m - stats.recon_mse_mean) / stats.recon_mse_std), "recon_mse_z", None, float(m)) for m in mse]
+
+    def _items(self, image: Any) -> tuple[list[Any], bool]:
+        batch = split_batch(image, gray_batches=self.task == "classification")
+        return (batch, True) if batch is not None else ([image], False)
+
+    def _prepare(self, items: list[Any], channel_order: str) -> list[PreparedImage]:
+        prepared = []
+        for i, item in enumerate(items):
+            try:
+                prepared.append(prepare_image(
+                    item, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels
+                ))
+            except InvalidInputError as e:
+                if len(items) == 1:
+                    raise
+                raise InvalidInputError(f"image {i} of the batch of {len(items)}: {e}") from None
+        return prepared
+
+    def _skip_reason(self, gate: str, ood: OODInfo) -> str | None:
+        if gate == "never":
+            return "adapt='never'"
+        if gate == "when_ood" and not ood[2]:
+            return f"in distribution ({ood[1]} {ood[0]:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
+        return None
 
     def _skipped_report(self, recipe: AdaptConfig, why: str, x: torch.Tensor) -> AdaptationReport:
         return AdaptationReport(
@@ -232,23 +315,57 @@ class Runtime:
             steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
         )
 
-    def _result(
-        self, out: SegmenterOutput, prepared: PreparedImage, ood: tuple[float, str, bool | None, float],
-        report: AdaptationReport | None, timings: dict[str, float], x: torch.Tensor,
-    ) -> Result:
+    def _results(
+        self, out: Any, prepared: list[PreparedImage], oods: list[OODInfo], report: AdaptationReport | None,
+        timings: dict[str, float], x: torch.Tensor,
+    ) -> list[Result]:
+        if self.task == "classification":
+            return self._classifier_results(out.logits, prepared, oods, report, timings)
         s = self.input_size
-        h, w = prepared.original_size
-        masks = out.masks[0].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
-        recon = out.reconstruction[0].detach().float().cpu().numpy().reshape(s, s, 3)
-        masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
-        recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
-        score, scorer, is_ood, _ = ood
-        with torch.no_grad():  # this result's own reconstruction error (after adaptation, if any)
-            mse = float(((out.reconstruction - x.flatten(2).transpose(1, 2)) ** 2).mean())
-        return Result(
-            masks=masks.astype(np.float32, copy=False),
-            segmentation=masks.argmax(0).astype(np.int64),
-            reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
-            ood_score=float(score), ood_scorer=scorer, recon_mse=mse, is_ood=is_ood, image=prepared.original_rgb,
-            model=self.name, device=str(self.device), backend="torch", adaptation=report, timings=timings,
-        )
+        with torch.no_grad():  # each result's own reconstruction error (after adaptation, if any)
+            mses = ((out.reconstruction - x.flatten(2).transpose(1, 2)) ** 2).mean(dim=(1, 2)).float().cpu().numpy()
+        results = []
+        for i, p in enumerate(prepared):
+            h, w = p.original_size
+            masks = out.masks[i].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
+            recon = out.reconstruction[i].detach().float().cpu().numpy().reshape(s, s, 3)
+            masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
+            recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
+            score, scorer, is_ood, _ = oods[i]
+            results.append(Result(
+                masks=masks.astype(np.float32, copy=False),
+                segmentation=masks.argmax(0).astype(np.int64),
+                reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
+                ood_score=float(score), ood_scorer=scorer, recon_mse=float(mses[i]), is_ood=is_ood,
+                image=p.original_rgb, model=self.name, device=str(self.device), backend="torch", adaptation=report,
+                timings=dict(timings), task="segmentation",
+            ))
+        return results
+
+    def _classifier_results(
+        self, logits: torch.Tensor, prepared: list[PreparedImage], oods: list[OODInfo],
+        report: AdaptationReport | None, timings: dict[str, float],
+    ) -> list[Result]:
+        logits_np = logits.detach().float().cpu().numpy()  # (B, C)
+        probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
+        names = self.card.labels
+        results = []
+        for i, p in enumerate(prepared):
+            label = int(probs[i].argmax())
+            score, scorer, is_ood, _ = oods[i]
+            results.append(Result(
+                logits=logits_np[i].copy(), probs=probs[i].copy(), label=label,
+                label_name=names[label] if names else "", task="classification",
+                ood_score=float(score), ood_scorer=scorer, is_ood=is_ood, image=p.original_rgb, model=self.name,
+                device=str(self.device), backend="torch", adaptation=report, timings=dict(timings),
+            ))
+        return results
+
+
+def build_model(card: ModelCard) -> torch.nn.Module:
+    """The card's architecture with freshly initialised weights (load the state dict after)."""
+    if card.task == "classification":
+        from .classifier import build_classifier
+
+        return build_classifier(card.classifier)
+    return SlotSegmenter(card.segmenter)  # type: ignore[arg-type]
