@@ -222,6 +222,15 @@ class RuntimeOptions(_Frozen):
     ood_scorer: str | None = Field(
         None, description="calibrated scorer for ood_score / is_ood (default: the calibration's default scorer)"
     )
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="frozen path: PyTorch eager or ONNX Runtime (adaptation stays in PyTorch; adapted "
+        "weights are pushed into the graph by name)",
+    )
+    onnxruntime_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
+    reset_every: int | None = Field(
+        None, ge=1, description="continual mode: back to the loaded weights after this many adapted inputs "
+        "(a reset policy against slow collapse on long streams); None = only on reset() or a method's signal",
+    )
     load_calibration: bool = Field(True, description="load <model>/ood/ (False: to refit it, e.g. after retraining)")
 
 

@@ -89,7 +89,18 @@ class Runtime:
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
+        self._adapted_since_reset = 0  # continual mode's reset_every policy counts adapted inputs
         self.calibration = self._load_calibration()
+        self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
+        if self.options.backend == "onnxruntime":
+            if self.task != "segmentation":
+                raise ConfigError("backend='onnxruntime' supports the slot segmenter only for now; use backend='torch'")
+            from .backends import OrtFrozenPath, OrtOptions, providers_for_device
+
+            self._ort = OrtFrozenPath(
+                self.model, card, calibration=self.calibration, providers=providers_for_device(self.device),
+                options=OrtOptions(intra_op_num_threads=self.options.onnxruntime_threads),
+            )
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -185,6 +196,7 @@ class Runtime:
             skip = self._skip_reason(gate, oods[0])
             if skip is None:
                 final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
+                self._count_adapted(report, 1)
             else:
                 final, report = before, self._skipped_report(recipe, skip, x)
         result = self._results(final, [prepared], oods, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)[0]
@@ -207,6 +219,7 @@ class Runtime:
             if chosen:
                 final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
                 logits[chosen] = final.logits
+                self._count_adapted(report, len(chosen))
             else:
                 report = self._skipped_report(recipe, reasons[0] or "", x)
         timings = {"preprocess_s": t_prep, "forward_s": t_fwd, **{f"adapt_{k}": v for k, v in report.timings.items()}}
@@ -216,10 +229,48 @@ class Runtime:
                 results[i].adaptation = self._skipped_report(recipe, r, x)
         return results
 
+    @property
+    def backend(self) -> str:
+        """'onnxruntime' or 'torch': what runs the frozen path (adaptation always runs in PyTorch)."""
+        return "onnxruntime" if self._ort is not None else "torch"
+
+    def export(self, path: str | os.PathLike[str] | None = None, *, format: str = "onnx", part: str = "predictor", **options: Any) -> Any:
+        """Export the frozen path with the model's current weights (adapted ones after continual adaptation).
+
+        `format` "onnx" | "tensorrt"; `part` "encoder" | "predictor" | "predictor_ood"; `options`: half,
+        dynamic, opset, batch, device, workspace (see `tta_runtime.export.export`). Returns an
+        `ExportResult` (paths, manifest with the tolerances met).
+        """
+        from .export import export
+
+        with self._lock:
+            return export(self.model, self.card, format, path, part=part, calibration=self.calibration, **options)
+
+    def stream(self, source: Any, **options: Any) -> Any:
+        """Per-frame Results over a video file, webcam index, URL or iterable of frames (see `tta_runtime.video.stream`)."""
+        from .video import stream
+
+        return stream(self, source, **options)
+
     def reset(self) -> None:
         """Back to the loaded weights (continual mode); a no-op in effect for episodic use."""
         with self._lock:
             self._adapter.reset()
+            self._adapted_since_reset = 0
+
+    def _count_adapted(self, report: AdaptationReport, n: int) -> None:
+        """Continual mode's reset policy: `reset_every` adapted inputs (a method's own signal resets too)."""
+        if report.mode != "continual":
+            return
+        if report.reset:
+            self._adapted_since_reset = 0
+            return
+        self._adapted_since_reset += n
+        every = self.options.reset_every
+        if every is not None and self._adapted_since_reset >= every:
+            self._adapter.reset()
+            self._adapted_since_reset = 0
+            report.reset = True
 
     # -- helpers -----------------------------------------------------------------------------------
     def _recipe_for(self, overrides: dict[str, Any]) -> AdaptConfig:
@@ -261,6 +312,8 @@ class Runtime:
 
     def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODInfo]]:
         """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) per image."""
+        if self._ort is not None:
+            return self._ort(x)
         cal = self.calibration
         with torch.inference_mode():
             if self.task == "classification":
@@ -337,7 +390,7 @@ class Runtime:
                 segmentation=masks.argmax(0).astype(np.int64),
                 reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
                 ood_score=float(score), ood_scorer=scorer, recon_mse=float(mses[i]), is_ood=is_ood,
-                image=p.original_rgb, model=self.name, device=str(self.device), backend="torch", adaptation=report,
+                image=p.original_rgb, model=self.name, device=str(self.device), backend=self.backend, adaptation=report,
                 timings=dict(timings), task="segmentation",
             ))
         return results
