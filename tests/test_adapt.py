@@ -378,3 +378,15 @@ def test_unknown_method_in_a_call_names_the_closest(runtime, source_state, state
 def test_unknown_method_at_load_names_the_closest():
     with pytest.raises(tta_runtime.UnknownNameError, match="did you mean 'slot_mask_entropy'"):
         tta_runtime.Runtime.from_pretrained(method="slot_mask_entropi")
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
+    from tta_runtime.adapt import lr_at
+    from tta_runtime.hub import load_recipe
+
+    cfg = load_recipe("slot_tta", lr=1e-3, steps=20, warmup_steps=4, lr_schedule="cosine", lr_final_fraction=0.1)
+    lrs = [lr_at(cfg, i) for i in range(20)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4)
+    flat = load_recipe("slot_tta", lr=1e-3, steps=5)
+    assert [lr_at(flat, i) for i in range(5)] == [1e-3] * 5

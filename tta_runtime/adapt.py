@@ -16,6 +16,7 @@ and says so in the report; an exception restores the state the call started from
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -92,6 +93,17 @@ def _build_optimizer(params: list[nn.Parameter], cfg: AdaptConfig) -> torch.opti
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: AdaptConfig, step: int) -> float:
+    """The learning rate for update `step` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    t = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,6 +218,7 @@ class Adapter:
             n_pix = image.shape[-1] * image.shape[-2]
             n_sub = max(1, round(n_pix * cfg.pixel_fraction))
             last_good = [p.detach().clone() for p in params]
+            scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
             best, since_best = float("inf"), 0
             for step in range(cfg.steps):
                 idx = None
@@ -237,6 +250,9 @@ class Adapter:
                     torch._foreach_copy_(last_good, [p.detach() for p in params])
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if scheduled:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(cfg, step)
                 if cfg.optimizer == "sam" and not self._sam_second_pass(method, image, gen, params, cfg.sam_rho):
                     self._rollback(params, last_good, report, f"non-finite sharpness-aware loss at step {step}")
                     break

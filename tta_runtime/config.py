@@ -160,6 +160,11 @@ class AdaptConfig(_Frozen):
     sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius")
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(150, ge=0, le=100_000)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="'cosine': after warm-up, decay the lr to lr * lr_final_fraction over the steps"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from lr / (warmup_steps + 1) over these steps")
+    lr_final_fraction: float = Field(0.1, ge=0, le=1, description="cosine schedule's final lr as a fraction of lr")
     grad_clip: float | None = Field(None, gt=0, description="max global grad norm; None = no clipping")
     early_stop_patience: int | None = Field(
         None, ge=1, description="stop after this many steps without improving the loss by early_stop_min_delta"
