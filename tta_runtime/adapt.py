@@ -128,7 +128,7 @@ class Adapter:
         head = getattr(model, "head", None)
         self._context = MethodContext(
             fisher=fisher, source={n: p.detach().clone() for n, p in model.named_parameters()},
-            num_classes=int(head.out_features) if isinstance(head, nn.Linear) else 0,
+            num_classes=int(getattr(model, "num_classes", 0) or (head.out_features if isinstance(head, nn.Linear) else 0)),
         )
         self._methods: dict[str, Method] = {}  # one instance per method name: some keep state across calls
         self.method: Method = self._method(cfg.method)

@@ -203,10 +203,15 @@ def _cmd_ood_fit(args: argparse.Namespace) -> int:
 
     folder = find_model(args.model)
     rt = Runtime.from_pretrained(folder, load_calibration=False)  # an old calibration may be stale: refit it
-    cals = fit_ood(rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256, progress=True)
+    if rt.task == "classification":
+        from .ood_classifier import fit_ood_classifier
+
+        cals = fit_ood_classifier(rt.model, tpr=args.tpr, weights_sha256=rt.card.weights.sha256)
+    else:
+        cals = fit_ood(rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256, progress=True)
     out = save_calibration(folder, cals)
     for name, cal in cals.items():
-        print(f"{name:14} threshold {cal.threshold:.4g} (TPR {cal.tpr:.0%} on {cal.n_threshold} held-out in-distribution scenes)")
+        print(f"{name:14} threshold {cal.threshold:.4g} (TPR {cal.tpr:.0%} on {cal.n_threshold} held-out in-distribution inputs)")
     print(f"wrote {out}")
     return 0
 
@@ -216,6 +221,8 @@ def _cmd_ood_eval(args: argparse.Namespace) -> int:
     from .ood import eval_ood, load_calibration
 
     rt = Runtime.from_pretrained(args.model)
+    if rt.task == "classification":
+        return _ood_eval_classifier(rt, args)
     report = eval_ood(rt.model, load_calibration(rt.folder), n_images=args.n_images, progress=True)  # type: ignore[arg-type]
     report["model"] = rt.name
     report["command"] = "tta-runtime " + shlex.join(args.argv)
@@ -223,6 +230,25 @@ def _cmd_ood_eval(args: argparse.Namespace) -> int:
     print(f"{'AUROC':22}" + "".join(f"{n:>14}" for n in scorers))
     for split, per in report["splits"].items():
         print(f"{split:22}" + "".join(f"{per[n]['auroc']:>14.3f}" for n in scorers))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _ood_eval_classifier(rt: Any, args: argparse.Namespace) -> int:
+    from .ood import load_calibration
+    from .ood_classifier import eval_ood_classifier
+
+    report = eval_ood_classifier(rt.model, load_calibration(rt.folder))
+    report["model"] = rt.name
+    report["command"] = "tta-runtime " + shlex.join(args.argv)
+    fams = report["families_mean_auroc"]
+    scorers = sorted(report["in_dist"])
+    print(f"{'mean AUROC, severity 5':24}" + "".join(f"{n:>16}" for n in scorers))
+    for fam, per in fams.items():
+        print(f"{fam:24}" + "".join(f"{per['5'][n]:>16.3f}" for n in scorers))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -70,6 +70,18 @@ class ClassifierConfig(_Frozen):
         return self
 
 
+class ExternalConfig(_Frozen):
+    """A torchvision or timm classifier by name (built without downloading; weights from a local file)."""
+
+    source: Literal["torchvision", "timm"]
+    name: str = Field(min_length=1, description="architecture name, e.g. 'resnet18' (torchvision.models.get_model / timm.create_model)")
+    num_classes: int = Field(ge=2, le=100_000)
+    resolution: int = Field(224, ge=8, le=1024, description="square input size the runtime resizes images to")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel input mean (images in [0, 1])")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel input std")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
+
+
 class Preprocessing(_Frozen):
     """How an image becomes the model's input tensor."""
 
@@ -96,10 +108,11 @@ class ModelCard(_Frozen):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     task: Literal["segmentation", "classification"] = "segmentation"
-    architecture: Literal["slot_segmenter", "cnn_classifier"] = "slot_segmenter"
+    architecture: Literal["slot_segmenter", "cnn_classifier", "torchvision", "timm"] = "slot_segmenter"
     description: str = ""
     segmenter: SegmenterConfig | None = None
     classifier: ClassifierConfig | None = None
+    external: ExternalConfig | None = Field(None, description="architecture 'torchvision' / 'timm': which model")
     labels: list[str] = Field(default_factory=list, description="class names, index = label (classifiers)")
     preprocessing: Preprocessing
     weights: WeightsSpec
@@ -117,20 +130,23 @@ class ModelCard(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        expected = {"segmentation": ("slot_segmenter", "segmenter"), "classification": ("cnn_classifier", "classifier")}
-        arch, section = expected[self.task]
-        if self.architecture != arch:
-            raise ValueError(f"task {self.task!r} needs architecture {arch!r}, got {self.architecture!r}")
-        other = "classifier" if section == "segmenter" else "segmenter"
+        sections = {"slot_segmenter": "segmenter", "cnn_classifier": "classifier", "torchvision": "external", "timm": "external"}
+        tasks = {"slot_segmenter": "segmentation"}
+        if tasks.get(self.architecture, "classification") != self.task:
+            raise ValueError(f"architecture {self.architecture!r} does not do task {self.task!r}")
+        section = sections[self.architecture]
         cfg = getattr(self, section)
-        if cfg is None or getattr(self, other) is not None:
-            raise ValueError(f"a {self.task} card needs a '{section}' section and no '{other}' section")
+        others = [s for s in ("segmenter", "classifier", "external") if s != section and getattr(self, s) is not None]
+        if cfg is None or others:
+            raise ValueError(f"a {self.architecture} card needs a '{section}' section and no {others} section")
+        if self.external is not None and self.external.source != self.architecture:
+            raise ValueError(f"external.source {self.external.source!r} must equal architecture {self.architecture!r}")
         if self.preprocessing.size != cfg.resolution:
             raise ValueError(
                 f"preprocessing.size ({self.preprocessing.size}) must equal {section}.resolution ({cfg.resolution})"
             )
-        if self.labels and self.classifier is not None and len(self.labels) != self.classifier.num_classes:
-            raise ValueError(f"labels has {len(self.labels)} names but num_classes is {self.classifier.num_classes}")
+        if self.labels and self.task == "classification" and len(self.labels) != cfg.num_classes:
+            raise ValueError(f"labels has {len(self.labels)} names but num_classes is {cfg.num_classes}")
         return self
 
 

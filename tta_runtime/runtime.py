@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -119,15 +120,50 @@ class Runtime:
         recipe = load_recipe(options.recipe, **recipe_kw)
         model = build_model(card)
         state = load_weights(folder, card)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
+        if card.external is not None:
+            from .encoders import load_into
+
+            load_into(model, state, str(folder))  # type: ignore[arg-type]
+        else:
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
         optimizer_state = load_optimizer_state(folder, card)
         fisher = load_weights(folder, card, card.fisher) if card.fisher is not None else None
         return cls(
             model, card, options=options, recipe=recipe, folder=folder, optimizer_state=optimizer_state, fisher=fisher
         )
+
+    @classmethod
+    def from_architecture(
+        cls, source: str, name: str, *, weights: str | os.PathLike[str], num_classes: int, input_size: int = 224,
+        labels: list[str] | None = None, recipe: str = "tent", **overrides: Any,
+    ) -> Runtime:
+        """A torchvision or timm classifier by name with weights from a local file (nothing downloads).
+
+        `source` "torchvision" | "timm" (each an optional extra; a missing one raises `ConfigError`
+        naming it); `weights`: .safetensors, or a state dict read with `torch.load(weights_only=True)`.
+        Mismatched keys or shapes raise `ModelLoadError` naming them. `overrides` as in `from_pretrained`.
+        """
+        from .config import ExternalConfig, Preprocessing, WeightsSpec
+        from .encoders import build_external, load_into, load_state_dict_file
+        from .hub import sha256_file
+
+        ext = validate(ExternalConfig, {"source": source, "name": name, "num_classes": num_classes, "resolution": input_size}, "architecture")
+        model = build_external(ext)  # first: a missing extra is the first thing to say
+        path = Path(weights)
+        state = load_state_dict_file(path)
+        card = validate(ModelCard, {
+            "name": re.sub(r"[^a-z0-9_.-]", "-", f"{source}-{name}".lower()), "task": "classification",
+            "architecture": source, "external": ext, "labels": labels or [],
+            "preprocessing": Preprocessing(size=input_size), "weights": WeightsSpec(file=path.name, sha256=sha256_file(path)),
+            "default_recipe": recipe,
+        }, "model card")
+        runtime_kw, recipe_kw = _split_overrides({"recipe": recipe, **overrides})
+        options = validate(RuntimeOptions, {"load_calibration": False, **runtime_kw}, "runtime options")
+        load_into(model, state, str(path))
+        return cls(model, card, options=options, recipe=load_recipe(options.recipe, **recipe_kw), folder=None)
 
     @property
     def name(self) -> str:
@@ -417,6 +453,10 @@ class Runtime:
 
 def build_model(card: ModelCard) -> torch.nn.Module:
     """The card's architecture with freshly initialised weights (load the state dict after)."""
+    if card.external is not None:
+        from .encoders import build_external
+
+        return build_external(card.external)
     if card.task == "classification":
         from .classifier import build_classifier
 

@@ -236,6 +236,69 @@ def loss_curve(
 
 
 
+def line_plot(
+    series: dict[str, Sequence[float]], *, size: tuple[int, int] = (240, 480), title: str = "",
+    x_label: str = "",
+) -> np.ndarray:
+    """Several named lines on shared axes with a legend, drawn with OpenCV (error over time, curves over r).
+
+    Args:
+        series: name -> values (one per x position 0..n-1); every series must be finite and non-empty.
+        size: (H, W) of the picture, at least (120, 200).
+        title, x_label: ASCII text above the plot and under its x axis.
+
+    Returns:
+        (H, W, 3) uint8 RGB: white background, axes box, one coloured line per series (colours from
+        `palette`), the y range labelled on the left, the legend in the top-right corner.
+    """
+    cv2 = _import_cv2()
+    height, width = _check_hw(size, "size")
+    if height < 120 or width < 200:
+        raise ValueError(f"size must be at least (120, 200), got {size!r}")
+    if not series:
+        raise ValueError("line_plot needs at least one series")
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in series.items()}
+    for k, v in arrays.items():
+        if v.size == 0 or not np.isfinite(v).all():
+            raise ValueError(f"series {k!r} must be non-empty and finite")
+    low = min(float(v.min()) for v in arrays.values())
+    high = max(float(v.max()) for v in arrays.values())
+    if high == low:
+        high = low + 1.0
+    n = max(v.size for v in arrays.values())
+    canvas = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
+    fs = 0.4
+    text_h = cv2.getTextSize("0", _FONT, fs, 1)[0][1]
+    labels = (f"{high:.3g}", f"{low:.3g}")
+    label_w = max(cv2.getTextSize(t, _FONT, fs, 1)[0][0] for t in labels)
+    left, right = label_w + 8, width - 8
+    top, bottom = text_h + 14, height - 2 * text_h - 14
+    cv2.rectangle(canvas, (left, top), (right, bottom), (120, 120, 120), 1)
+    _put_text(cv2, canvas, title, (left, top - 6), fs * 1.1)
+    _put_text(cv2, canvas, labels[0], (left - 4, top + text_h), fs, align="right")
+    _put_text(cv2, canvas, labels[1], (left - 4, bottom), fs, align="right")
+    _put_text(cv2, canvas, "0", (left, bottom + text_h + 6), fs)
+    _put_text(cv2, canvas, str(n - 1), (right, bottom + text_h + 6), fs, align="right")
+    if x_label:
+        _put_text(cv2, canvas, x_label, ((left + right) // 2, bottom + 2 * text_h + 10), fs, align="center")
+    colours = palette(len(arrays))
+    x0, x1, y0, y1 = left + 3, right - 3, top + 3, bottom - 3
+    shift = 4
+    for i, (name, v) in enumerate(arrays.items()):
+        xs = x0 + (x1 - x0) * (np.arange(v.size) / max(n - 1, 1))
+        ys = y1 - (y1 - y0) * (v - low) / (high - low)
+        colour = tuple(int(c) for c in colours[i])
+        pts = (np.stack([xs, ys], axis=1) * (1 << shift)).round().astype(np.int32)
+        if v.size == 1:
+            cv2.circle(canvas, (int(pts[0, 0]), int(pts[0, 1])), 3 << shift, colour, -1, cv2.LINE_AA, shift)
+        else:
+            cv2.polylines(canvas, [pts.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA, shift)
+        ly = top + 6 + (i + 1) * (text_h + 6)
+        cv2.line(canvas, (right - 90, ly - text_h // 2), (right - 72, ly - text_h // 2), colour, 2, cv2.LINE_AA)
+        _put_text(cv2, canvas, name, (right - 68, ly), fs)
+    return canvas
+
+
 def panel(tiles: Sequence[tuple[str, np.ndarray]], *, scale: int = 1) -> np.ndarray:
     """Lay out captioned RGB tiles left to right, e.g. "input | masks before | masks after | loss".
 
