@@ -103,7 +103,8 @@ def test_every_shipped_model_card_validates_and_its_weights_match(name: str):
     card = load_card(folder)
     assert card.name == name == folder.name
     assert sha256_file(folder / card.weights.file) == card.weights.sha256
-    assert card.ood is not None  # the default OOD score needs the in-distribution statistics
+    if card.task == "segmentation":
+        assert card.ood is not None  # the segmenter's default OOD score needs the in-distribution statistics
     assert card.default_recipe in list_recipes()
 
 

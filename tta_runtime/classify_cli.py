@@ -31,6 +31,9 @@ def _print_summary(report: dict[str, Any]) -> None:
     for bs, rec in report["batch_sizes"].items():
         print(f"batch size {bs} ({rec['protocol']}): mean error over corruptions, severities {report['severities']}")
         for name, m in rec["methods"].items():
+            if "skipped" in m:
+                print(f"  {name:<10} skipped: {m['skipped']}")
+                continue
             red = m["relative_reduction"]
             red_s = "" if red is None or name == "none" else f"  ({100 * red:+.1f}% vs none)"
             print(f"  {name:<10} {100 * m['mean_error']:6.2f}%{red_s}  {1e3 * m['seconds_per_image']:.2f} ms/image")
