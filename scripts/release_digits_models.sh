@@ -9,3 +9,8 @@ export OMP_NUM_THREADS=1
 py=.venv/bin/python
 $py -m tta_runtime.train_classifier --norm batch --out models/digits-cnn-bn --epochs 30 --seed 0 --no-progress
 $py -m tta_runtime.train_classifier --norm group --out models/digits-cnn-gn --epochs 30 --seed 0 --no-progress
+# OOD calibration (train split fit, val split threshold) and its evaluation on the corruption suite.
+for m in digits-cnn-bn digits-cnn-gn; do
+  .venv/bin/tta-runtime ood fit --model "$m"
+  .venv/bin/tta-runtime ood eval --model "$m" --json "models/$m/ood_eval.json"
+done
