@@ -210,7 +210,7 @@ def test_set_norm_mode_counts_and_checks():
     layers = [m for m in bn_model.modules() if isinstance(m, AdaptiveBatchNorm2d)]
     assert all(m.stat_mode == "prior" and m.prior == 4.0 for m in layers)
     assert set_norm_mode(gn_model, "batch") == 0
-    with pytest.raises(ConfigError, match="unknown BatchNorm stat_mode 'bacth'; known: source, batch, prior, train"):
+    with pytest.raises(ConfigError, match="unknown BatchNorm stat_mode 'bacth'; known: source, batch, prior, ema, train"):
         set_norm_mode(bn_model, "bacth")
     with pytest.raises(ConfigError, match="prior must be > 0"):
         set_norm_mode(bn_model, "prior", prior=0.0)
@@ -341,3 +341,22 @@ def test_load_classifier(tmp_path):
     torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)
     with pytest.raises(ModelLoadError, match="not a classifier"):
         load_classifier("slot-shapes-32")
+
+
+def test_ema_mode_moves_the_running_statistics_once_per_activation():
+    torch.manual_seed(0)
+    bn = AdaptiveBatchNorm2d(3)
+    bn.running_mean.fill_(1.0)
+    x = torch.randn(2, 3, 4, 4) + 5.0
+    set_norm_mode(bn, "ema", ema_momentum=0.1)
+    y = bn(x)
+    mean_b = x.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, 0.9 * torch.ones(3) + 0.1 * mean_b)
+    expected = (x - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var[None, :, None, None] + bn.eps)
+    torch.testing.assert_close(y, expected * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
+    before = bn.running_mean.clone()
+    bn(x)  # a second forward in the same activation: no second update
+    torch.testing.assert_close(bn.running_mean, before)
+    set_norm_mode(bn, "ema", ema_momentum=0.1)
+    bn(x)
+    assert not torch.allclose(bn.running_mean, before)

@@ -193,7 +193,7 @@ class Adapter:
         if classifier:
             from .classifier import set_norm_mode
 
-            set_norm_mode(model, cfg.norm_stats, cfg.norm_prior)
+            set_norm_mode(model, cfg.norm_stats, cfg.norm_prior, cfg.norm_momentum)
         try:
             for n, p in model.named_parameters():
                 p.requires_grad_(n in chosen)

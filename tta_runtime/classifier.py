@@ -19,6 +19,10 @@ batch      the current batch's, over (N, H, W), biased variance (Tent, "BN adapt
 prior      Schneider et al. 2020's mix of the two, running stats untouched:
            mean = (prior * mu_s + n * mu_b) / (prior + n),  var = (prior * var_s + n * var_b) / (prior + n)
            with n the batch size and ``prior`` (default 16) the weight of the source statistics in images
+ema        the running statistics after ONE exponential-moving-average update with the current batch's
+           (momentum ``ema_momentum``), done by the first forward after ``set_norm_mode`` (so once per
+           adaptation call, however many forwards it makes); the buffers change, which is the point in
+           continual mode (the statistics follow the stream) and is undone by the episodic restore
 train      plain ``nn.BatchNorm2d`` (follows ``.train()``: batch statistics that update the running ones;
            ``.eval()``: running statistics). Only the training script uses it.
 =========  =========================================================================================
@@ -55,7 +59,7 @@ __all__ = [
     "set_norm_mode",
 ]
 
-STAT_MODES: tuple[str, ...] = ("source", "batch", "prior", "train")
+STAT_MODES: tuple[str, ...] = ("source", "batch", "prior", "ema", "train")
 
 
 @dataclass
@@ -77,13 +81,21 @@ class AdaptiveBatchNorm2d(nn.BatchNorm2d):
         _check_mode(stat_mode, prior)
         self.stat_mode = stat_mode
         self.prior = float(prior)
+        self.ema_momentum = 0.05
+        self._ema_pending = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stat_mode == "train":
             return super().forward(x)
         if self.running_mean is None or self.running_var is None:
             raise ConfigError(f"stat_mode {self.stat_mode!r} needs running statistics (track_running_stats=True)")
-        if self.stat_mode == "source":  # exactly eval-mode BatchNorm
+        if self.stat_mode == "ema" and self._ema_pending:
+            with torch.no_grad():
+                var_b, mean_b = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+                self.running_mean.lerp_(mean_b, self.ema_momentum)
+                self.running_var.lerp_(var_b, self.ema_momentum)
+            self._ema_pending = False
+        if self.stat_mode in ("source", "ema"):  # exactly eval-mode BatchNorm
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
             )
@@ -204,7 +216,7 @@ def _check_mode(mode: object, prior: float) -> None:
         raise ConfigError(f"prior must be > 0 (weight of the source statistics, in images); got {prior!r}")
 
 
-def set_norm_mode(model: nn.Module, mode: str, prior: float = 16.0) -> int:
+def set_norm_mode(model: nn.Module, mode: str, prior: float = 16.0, ema_momentum: float = 0.05) -> int:
     """Set ``stat_mode`` (and ``prior``) of every ``AdaptiveBatchNorm2d`` in ``model``; returns how many.
 
     0 for models without BatchNorm (GroupNorm models have no statistics to choose).
@@ -214,6 +226,7 @@ def set_norm_mode(model: nn.Module, mode: str, prior: float = 16.0) -> int:
     for m in model.modules():
         if isinstance(m, AdaptiveBatchNorm2d):
             m.stat_mode, m.prior = mode, float(prior)
+            m.ema_momentum, m._ema_pending = float(ema_momentum), mode == "ema"
             n += 1
     return n
 

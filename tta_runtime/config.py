@@ -194,11 +194,13 @@ class AdaptConfig(_Frozen):
         description="'fresh': a new Adam per image; 'training': start Adam from the moments saved at the end of "
         "training (as the released Slot-TTA code does); needs a model that ships them",
     )
-    norm_stats: Literal["source", "batch", "prior"] = Field(
+    norm_stats: Literal["source", "batch", "prior", "ema"] = Field(
         "source",
         description="BatchNorm statistics while adapting and predicting (classifiers): 'source' (training "
-        "statistics), 'batch' (the test batch's), 'prior' (source mixed with the batch's, strength norm_prior)",
+        "statistics), 'batch' (the test batch's), 'prior' (source mixed with the batch's, strength norm_prior), "
+        "'ema' (running statistics moved towards each batch's by norm_momentum: they follow a continual stream)",
     )
+    norm_momentum: float = Field(0.05, gt=0, le=1, description="EMA momentum of norm_stats='ema'")
     norm_prior: float = Field(16.0, gt=0, description="N in (N * source + n * batch) / (N + n) for norm_stats='prior'")
     time_budget_ms: float | None = Field(
         None, gt=0, description="stop stepping once this much time has gone into the loop (streams); None = no limit"
@@ -252,6 +254,12 @@ class RuntimeOptions(_Frozen):
         None, ge=1, description="continual mode: back to the loaded weights after this many adapted inputs "
         "(a reset policy against slow collapse on long streams); None = only on reset() or a method's signal",
     )
+    collapse_window: int | None = Field(
+        None, ge=2, description="continual mode, classifiers: reset when the labels predicted for the last this many "
+        "adapted inputs have a histogram entropy below collapse_entropy * ln(C) (the model predicts a few classes "
+        "for everything); None = off",
+    )
+    collapse_entropy: float = Field(0.5, gt=0, lt=1, description="threshold of the collapse monitor, as a fraction of ln(C)")
     load_calibration: bool = Field(True, description="load <model>/ood/ (False: to refit it, e.g. after retraining)")
 
 

@@ -14,7 +14,9 @@ episodic mode: the loaded weights). For parallel throughput, create one `Runtime
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import re
 import threading
@@ -91,6 +93,7 @@ class Runtime:
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
         self._adapted_since_reset = 0  # continual mode's reset_every policy counts adapted inputs
+        self._recent_labels: collections.deque[int] = collections.deque(maxlen=self.options.collapse_window or 1)
         self.calibration = self._load_calibration()
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
         if self.options.backend == "onnxruntime":
@@ -255,7 +258,7 @@ class Runtime:
             if chosen:
                 final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
                 logits[chosen] = final.logits
-                self._count_adapted(report, len(chosen))
+                self._count_adapted(report, len(chosen), final.logits.argmax(dim=1).tolist())
             else:
                 report = self._skipped_report(recipe, reasons[0] or "", x)
         timings = {"preprocess_s": t_prep, "forward_s": t_fwd, **{f"adapt_{k}": v for k, v in report.timings.items()}}
@@ -294,18 +297,36 @@ class Runtime:
             self._adapter.reset()
             self._adapted_since_reset = 0
 
-    def _count_adapted(self, report: AdaptationReport, n: int) -> None:
-        """Continual mode's reset policy: `reset_every` adapted inputs (a method's own signal resets too)."""
+    def _count_adapted(self, report: AdaptationReport, n: int, labels: list[int] | None = None) -> None:
+        """Continual mode's reset policy: `reset_every` adapted inputs, the collapse monitor (classifiers:
+        the predicted labels of the last `collapse_window` inputs have too little entropy), and a method's
+        own signal (SAR)."""
         if report.mode != "continual":
             return
         if report.reset:
             self._adapted_since_reset = 0
+            self._recent_labels.clear()
             return
         self._adapted_since_reset += n
         every = self.options.reset_every
+        why = None
         if every is not None and self._adapted_since_reset >= every:
+            why = f"reset_every={every}"
+        window = self.options.collapse_window
+        if window is not None and labels:
+            self._recent_labels.extend(labels)
+            if len(self._recent_labels) == window:
+                counts = np.bincount(np.fromiter(self._recent_labels, dtype=np.int64))
+                p = counts[counts > 0] / window
+                ent = float(-(p * np.log(p)).sum())
+                limit = self.options.collapse_entropy * math.log(max(self._adapter._context.num_classes, 2))
+                if ent < limit:
+                    why = f"collapse: label entropy {ent:.2f} < {limit:.2f} over the last {window} inputs"
+        if why is not None:
+            log.info("continual reset (%s)", why)
             self._adapter.reset()
             self._adapted_since_reset = 0
+            self._recent_labels.clear()
             report.reset = True
 
     # -- helpers -----------------------------------------------------------------------------------

@@ -1,0 +1,396 @@
+"""Several images adapted at once, each with its own weights: a Slot-TTA recipe as one batched program.
+
+The one loop (`adapt.Adapter`) adapts one image at a time. At small sizes, and on a GPU at any size, a
+step is mostly overhead (kernel launches, Python), so B independent adaptations run together are far
+cheaper per image than B in turn. Here, for the same recipe (loss, parameters, Adam, lr schedule, pixel
+subsets, gradient clipping, early stop), on B images:
+
+  selected parameters, stacked    {name: (B, *shape)}   one copy of the model's weights per image
+  loss_b(weights_b, image_b)      the model's forward under `torch.func.functional_call`, one image
+  vmap(grad_and_value(loss))      per-image losses (B,) and gradients {name: (B, *shape)} in one call
+  functional Adam on the stack    Adam is element-wise, so one update of the stack is B per-image Adams
+
+Parameters that the recipe does not adapt are shared, unbatched. With params='no_encoder' the encoder
+runs once for the batch and every step reuses its features, as in the one loop. The model itself is never
+modified: the adapted weights live only in the stack, so every call is episodic by construction.
+
+Equivalence: with the same recipe, losses, steps, stops, rollbacks and adapted predictions equal the one
+loop's up to floating-point summation order (batched matrix products instead of single ones); the tests
+check it in float64 (tests/test_bench_adapt.py). In float32, Adam's division of each gradient by its own
+magnitude lets a rounding difference in a near-zero gradient flip a step's sign, so long runs drift apart
+as two thread counts do; `tta-runtime bench adapt` reports how far on real images.
+
+Execution levers (`ExecutionOptions`, all off by default; they change how the step runs, not the recipe):
+`batch_size` caps how many images run together, `compile` wraps the step in `torch.compile`
+("reduce-overhead" also captures it in CUDA graphs), `autocast="bf16"` runs forward and backward in
+bfloat16 (weights and Adam stay float32), `adam="fused"` uses PyTorch's fused Adam kernel
+(`torch.optim.Adam(fused=True)`) on the stacked weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .adapt import AdaptationReport, lr_at, select_parameters
+from .config import AdaptConfig
+from .errors import ConfigError
+from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
+
+__all__ = ["BatchedAdapter", "ExecutionOptions", "adam_update"]
+
+_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the one loop uses
+_EPS = 1e-8
+_OUTPUT_FIELDS = ("masks", "reconstruction", "rgb", "logits", "slots", "attention")
+_SUPPORTED_METHODS = ("slot_reconstruction",)
+
+
+class ExecutionOptions(BaseModel):
+    """How the batched adaptation runs; none of these changes what a recipe minimises.
+
+    `autocast` is the exception that changes numbers: forward and backward in bfloat16.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(8, ge=1, le=4096, description="images adapted together, each with its own weights")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the step; 'reduce-overhead' also captures CUDA graphs"
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' or 'aot_eager': capture without generating code)")
+    autocast: Literal["off", "bf16"] = Field(
+        "off", description="bfloat16 forward and backward (float32 weights and Adam); float16 would need loss scaling"
+    )
+    adam: Literal["functional", "fused"] = Field(
+        "functional", description="'functional': Adam as tensor maths in this module (compiles with the step); "
+        "'fused': torch.optim.Adam(fused=True) on the stacked weights",
+    )
+
+
+def adam_update(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+    step: torch.Tensor, lr: torch.Tensor, weight_decay: float = 0.0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """One Adam update, out of place, with the arithmetic of `torch.optim.Adam`'s single-tensor path.
+
+    `step`: the update count including this update, a float64 scalar tensor (float32 would round
+    1 - 0.999**step visibly); `lr`: a scalar tensor, so a compiled step does not recompile when the
+    schedule moves it. Returns new parameters, first and second moments. Element-wise, so stacked
+    per-image tensors (B, *shape) get B independent Adam updates.
+    """
+    beta1, beta2 = _BETAS
+    if weight_decay:
+        grads = [g + weight_decay * p for g, p in zip(grads, params, strict=True)]
+    step_size = lr / (1 - beta1**step)
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=True):
+        m = torch.lerp(m, g, 1 - beta1)
+        v = v * beta2 + (1 - beta2) * g * g
+        denom = v.sqrt() / bias2_sqrt + _EPS
+        new_p.append(p - step_size * m / denom)
+        new_m.append(m)
+        new_v.append(v)
+    return new_p, new_m, new_v
+
+
+class _GRUCell(nn.Module):
+    """`nn.GRUCell` as plain tensor maths, same parameter names. vmap has no batching rule for the fused
+    `gru_cell` kernel and would loop over the batch; written out, every gate is one batched product."""
+
+    def __init__(self, cell: nn.GRUCell) -> None:
+        super().__init__()
+        self.weight_ih, self.weight_hh = cell.weight_ih, cell.weight_hh  # (3H, in), (3H, H): gates r, z, n
+        self.bias_ih, self.bias_hh = cell.bias_ih, cell.bias_hh
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        gi = F.linear(x, self.weight_ih, self.bias_ih)
+        gh = F.linear(h, self.weight_hh, self.bias_hh)
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+
+class _Functional(nn.Module):
+    """The segmenter as a function of one image (no batch axis), for `functional_call` under `vmap`.
+
+    Holds a copy of the model whose GRU cells are written out (`_GRUCell`); the copy's own tensors are
+    never used, since every call passes all parameters and buffers."""
+
+    def __init__(self, model: SlotSegmenter) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.GRUCell):
+                    setattr(parent, name, _GRUCell(child))
+
+    def forward(self, x: torch.Tensor, pixel_idx: torch.Tensor | None, from_features: bool) -> tuple[torch.Tensor, ...]:
+        x = x[None]  # (1, 3, S, S) image or (1, N, D) features
+        out = self.model.forward_features(x, pixel_idx) if from_features else self.model(x, pixel_idx)
+        return tuple(getattr(out, f)[0] for f in _OUTPUT_FIELDS)
+
+
+class BatchedAdapter:
+    """Adapt B images at once with one recipe, each image with its own weights (see the module docstring).
+
+    Supports the slot segmenter with the reconstruction loss, Adam, episodic mode; every recipe lever of
+    the one loop (params, pixel_fraction, lr schedule, grad_clip, early stop, optimizer_state,
+    time_budget_ms, the non-finite guard) behaves as there, per image.
+    """
+
+    def __init__(
+        self, model: nn.Module, cfg: AdaptConfig, *, execution: ExecutionOptions | None = None,
+        training_optimizer_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, SlotSegmenter):
+            raise ConfigError(f"batched adaptation supports slot segmenters, got {type(model).__name__}")
+        if cfg.method not in _SUPPORTED_METHODS:
+            raise ConfigError(f"batched adaptation supports method {_SUPPORTED_METHODS}, got {cfg.method!r}")
+        if cfg.optimizer != "adam":
+            raise ConfigError(f"batched adaptation has a per-image Adam only, got optimizer={cfg.optimizer!r}")
+        if cfg.mode != "episodic":
+            raise ConfigError("batched adaptation is episodic (each image starts from the loaded weights), got mode='continual'")
+        if cfg.optimizer_state == "training" and training_optimizer_state is None:
+            raise ConfigError(
+                "optimizer_state='training' needs Adam moments saved with the model, and none were given; "
+                "use optimizer_state='fresh'"
+            )
+        self.model = model
+        self.cfg = cfg
+        self.execution = execution or ExecutionOptions()
+        self.training_optimizer_state = training_optimizer_state
+        self._fn = _Functional(model)
+        chosen = select_parameters(model, cfg.params)
+        self.names = list(chosen)  # adapted, stacked per image
+        self.frozen_encoder = not any(n.startswith("encoder.") for n in self.names)
+        self._step_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+    # -- the functional pieces ---------------------------------------------------------------------
+    def _state(self, adapted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Everything `functional_call` needs: adapted weights (one image's slice) over the shared rest."""
+        shared = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if n not in adapted}
+        shared.update({f"model.{n}": b for n, b in self.model.named_buffers()})
+        shared.update({f"model.{n}": t for n, t in adapted.items()})
+        return shared
+
+    def _autocast(self, device: torch.device):  # noqa: ANN202 - a context manager
+        if self.execution.autocast == "off":
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def _losses_and_grads(
+        self, weights: dict[str, torch.Tensor], x: torch.Tensor, targets: torch.Tensor, pixel_idx: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-image gradients {name: (B, *shape)} and losses (B,) of the reconstruction MSE.
+
+        `x`: images (B, 3, S, S) or, encoder frozen, features (B, N, D); `targets`: (B, P, 3)."""
+        from_features = self.frozen_encoder
+
+        def loss(w: dict[str, torch.Tensor], xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(self._fn, self._state(w), (xb, pixel_idx, from_features))
+            return F.mse_loss(out[1].to(target.dtype), target)  # out[1]: the reconstruction (P, 3); autocast may give 16 bits
+
+        with self._autocast(x.device):
+            return torch.func.vmap(torch.func.grad_and_value(loss))(weights, x, targets)
+
+    def _step(
+        self, weights: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
+        x: torch.Tensor, targets: torch.Tensor, pixel_idx: torch.Tensor | None, step: torch.Tensor, lr: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], ...]:
+        """Losses and gradients, per-image clipping, one functional Adam update (skipped for fused Adam,
+        which the loop runs itself). Returns [new weights, new exp_avg, new exp_avg_sq, gradients,
+        [losses (B,), gradient norms (B,)]]; a norm is non-finite when that image's gradient is."""
+        grads_d, losses = self._losses_and_grads(dict(zip(self.names, weights, strict=True)), x, targets, pixel_idx)
+        grads = [grads_d[n] for n in self.names]
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (B,)
+        if self.cfg.grad_clip is not None:  # per image, as clip_grad_norm_ on each image's parameters
+            coef = (self.cfg.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+            grads = [g * coef.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+        if self.execution.adam == "fused":
+            return weights, exp_avg, exp_avg_sq, grads, [losses, norms]
+        new_w, new_m, new_v = adam_update(weights, grads, exp_avg, exp_avg_sq, step, lr, self.cfg.weight_decay)
+        return new_w, new_m, new_v, grads, [losses, norms]
+
+    def _compiled_step(self) -> Callable[..., tuple[list[torch.Tensor], ...]]:
+        if self._step_fn is None:
+            ex = self.execution
+            self._step_fn = self._step if ex.compile == "off" else torch.compile(
+                self._step, mode=None if ex.compile == "default" else ex.compile, backend=ex.compile_backend,
+                dynamic=False,
+            )
+        return self._step_fn
+
+    @torch.no_grad()
+    def _predict(self, weights: dict[str, torch.Tensor], x: torch.Tensor) -> SegmenterOutput:
+        """All pixels, each image with its own adapted weights: SegmenterOutput with batch axis B."""
+
+        def forward(w: dict[str, torch.Tensor], xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.func.functional_call(self._fn, self._state(w), (xb, None, self.frozen_encoder))
+
+        with self._autocast(x.device):
+            out = torch.func.vmap(forward)(weights, x)
+        return SegmenterOutput(*(t.to(x.dtype) for t in out))
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, images: torch.Tensor) -> tuple[SegmenterOutput, list[AdaptationReport]]:
+        """Adapt on `images` (B, 3, S, S) in [0, 1], each independently, and predict with the adapted weights.
+
+        Returns the predictions (`SegmenterOutput`, batch axis B, all pixels) and one report per image. The
+        model's own weights are not modified. More than `execution.batch_size` images run in chunks of it.
+        """
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+            raise ConfigError(f"images must be (B, 3, S, S) with B >= 1, got shape {tuple(images.shape)}")
+        b = self.execution.batch_size
+        if images.shape[0] <= b:
+            return self._run(images, self.cfg.steps)
+        parts = [self._run(images[i : i + b], self.cfg.steps) for i in range(0, images.shape[0], b)]
+        outputs = SegmenterOutput(*(torch.cat([getattr(o, f) for o, _ in parts]) for f in _OUTPUT_FIELDS))
+        return outputs, [r for _, reps in parts for r in reps]
+
+    def warmup(self, images: torch.Tensor, steps: int = 2) -> None:
+        """A short untimed run on `images`: compiles the step (when `compile` is on) and warms the kernels."""
+        self._run(images, min(steps, self.cfg.steps))
+
+    def _run(self, images: torch.Tensor, n_steps: int) -> tuple[SegmenterOutput, list[AdaptationReport]]:
+        cfg, ex = self.cfg, self.execution
+        b, device = images.shape[0], images.device
+        t0 = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        chosen = {n: params[n] for n in self.names}
+        reports = [
+            AdaptationReport(
+                recipe=cfg.name, method=cfg.method, mode=cfg.mode, params=cfg.params,
+                params_adapted=sum(p.numel() for p in chosen.values()), steps_requested=cfg.steps, device=str(device),
+            )
+            for _ in range(b)
+        ]
+        weights = [p.detach().unsqueeze(0).repeat(b, *[1] * p.dim()).contiguous() for p in chosen.values()]
+        if cfg.optimizer_state == "training":
+            state = self.training_optimizer_state
+            assert state is not None  # checked in __init__
+            step0 = float(state["step"].reshape(()))
+            exp_avg = [state[f"exp_avg/{n}"].to(device).expand_as(w).clone() for n, w in zip(self.names, weights, strict=True)]
+            exp_avg_sq = [state[f"exp_avg_sq/{n}"].to(device).expand_as(w).clone() for n, w in zip(self.names, weights, strict=True)]
+        else:
+            step0 = 0.0
+            exp_avg = [torch.zeros_like(w) for w in weights]
+            exp_avg_sq = [torch.zeros_like(w) for w in weights]
+        fused_opt = None
+        if ex.adam == "fused":  # the optimizer owns `weights` and the moments and updates them in place
+            fused_opt = torch.optim.Adam(weights, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+            for w, m, v in zip(weights, exp_avg, exp_avg_sq, strict=True):
+                fused_opt.state[w] = {"step": torch.tensor(step0, dtype=torch.float32, device=device), "exp_avg": m, "exp_avg_sq": v}
+
+        x = images
+        if self.frozen_encoder:  # the encoder's weights are shared and fixed: run it once for the batch
+            with torch.no_grad():
+                x = self.model.encode(images)  # (B, N, D)
+        step_fn = self._compiled_step()
+        graphs = ex.compile == "reduce-overhead" and device.type == "cuda"
+        for r in reports:
+            r.timings["setup_s"] = time.perf_counter() - t0
+
+        t_loop = time.perf_counter()
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same pixel subsets as the one loop
+        n_pix = images.shape[-1] * images.shape[-2]
+        n_sub = max(1, round(n_pix * cfg.pixel_fraction))
+        full_targets = image_targets(images)  # (B, S*S, 3)
+        active = torch.ones(b, dtype=torch.bool)  # images still stepping (early stop, time budget, guard)
+        best = torch.full((b,), math.inf, dtype=torch.float64)
+        since_best = torch.zeros(b, dtype=torch.long)
+        last_good = weights  # per image: the last weights that gave a finite loss and gradient
+        step_t = torch.tensor(step0, dtype=torch.float64, device=device)
+        for step in range(n_steps):
+            idx = None
+            if n_sub < n_pix:
+                idx = torch.randperm(n_pix, generator=gen)[:n_sub].to(device)
+            targets = full_targets if idx is None else full_targets[:, idx]
+            lr = lr_at(cfg, step)
+            step_t = step_t + 1
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            new, new_m, new_v, grads, (losses, norms) = step_fn(
+                weights, exp_avg, exp_avg_sq, x, targets, idx, step_t, torch.tensor(lr, dtype=torch.float64, device=device)
+            )
+            if graphs:  # the next replay reuses the outputs' memory: keep copies
+                new, new_m, new_v = ([t.clone() for t in ts] for ts in (new, new_m, new_v))
+            pre = weights
+            if fused_opt is not None:
+                pre = [w.clone() for w in weights]
+                for w, g in zip(weights, grads, strict=True):
+                    w.grad = g
+                for group in fused_opt.param_groups:
+                    group["lr"] = lr
+                fused_opt.step()
+                for w in weights:
+                    w.grad = None
+                new = weights
+            losses_c, norms_c = losses.detach().double().cpu(), norms.detach().cpu()
+            ok_pre = torch.isfinite(losses_c) & torch.isfinite(norms_c)  # these weights gave finite loss and gradient
+            ok_new = torch.stack([torch.isfinite(w.flatten(1)).all(1) for w in new]).all(0).cpu()
+            accept = active & ok_pre & ok_new
+            for i in torch.nonzero(active).flatten().tolist():
+                reports[i].losses.append(float(losses_c[i]))
+                if accept[i]:
+                    reports[i].steps_run = step + 1
+                    continue
+                if not ok_pre[i]:
+                    what = "loss" if not torch.isfinite(losses_c[i]) else "gradient"
+                    why = f"non-finite {what} at step {step}"
+                else:
+                    why = f"non-finite weights after step {step}"
+                reports[i].rolled_back, reports[i].rollback_reason = True, why
+            if bool(accept.all()):  # the common case: every image stepped
+                result, last_good = new, pre
+            else:  # accepted: the update; rolled back: the last good weights; stopped before: unchanged
+                def per_image(mask: torch.Tensor, a: list[torch.Tensor], b_: list[torch.Tensor]) -> list[torch.Tensor]:
+                    m = mask.to(device)
+                    return [torch.where(m.view(-1, *[1] * (t.dim() - 1)), t, u) for t, u in zip(a, b_, strict=True)]
+
+                last_good = per_image(ok_pre & active, pre, last_good)
+                result = per_image(accept, new, per_image(active, last_good, pre))
+                active &= accept
+            if fused_opt is not None:  # keep the optimizer's tensors; moments were updated in place
+                if result is not new:
+                    for w, r in zip(weights, result, strict=True):
+                        w.copy_(r)
+            else:
+                weights, exp_avg, exp_avg_sq = result, new_m, new_v
+            if cfg.time_budget_ms is not None and (time.perf_counter() - t_loop) * 1e3 >= cfg.time_budget_ms:
+                for i in torch.nonzero(active).flatten().tolist():
+                    reports[i].stopped_early = True
+                active[:] = False
+            if cfg.early_stop_patience is not None:
+                improved = losses_c < best * (1 - cfg.early_stop_min_delta)
+                best = torch.where(improved & active, losses_c, best)
+                since_best = torch.where(improved, 0, since_best + 1)
+                stop = active & (since_best >= cfg.early_stop_patience)
+                for i in torch.nonzero(stop).flatten().tolist():
+                    reports[i].stopped_early = True
+                active &= ~stop
+            if not active.any():
+                break
+        t_adapt = time.perf_counter() - t_loop
+
+        t_pred = time.perf_counter()
+        final = self._predict(dict(zip(self.names, weights, strict=True)), x)
+        with torch.no_grad():
+            final_losses = (final.reconstruction - full_targets).pow(2).mean(dim=(1, 2)).tolist()
+        t_pred = time.perf_counter() - t_pred
+        total = time.perf_counter() - t0
+        for i, r in enumerate(reports):
+            r.final_loss = final_losses[i]
+            r.timings.update({"adapt_s": t_adapt / b, "predict_s": t_pred / b, "total_s": total / b, "batch": float(b)})
+        return final, reports
