@@ -193,7 +193,7 @@ def test_bench_tta_writes_json_and_plot(tmp_path):
     out = tmp_path / "tta.json"
     rc = main([
         "bench", "tta", "--json", str(out), "--n-images", "16", "--corruptions", "gaussian_noise,fog",
-        "--methods", "none,tent,bn_stats", "--batch-sizes", "1,8", "--continual-images", "40", "--reset-every", "10",
+        "--methods", "none,tent,bn_stats", "--batch-sizes", "1,8", "--continual-images", "40", "--reset-every", "10", "--continual-methods", "tent",
         "--no-progress",
     ])
     assert rc == 0
@@ -206,5 +206,6 @@ def test_bench_tta_writes_json_and_plot(tmp_path):
             assert all(0 <= e <= 1 for per in m["errors"].values() for e in per.values())
             assert m["seconds_per_image"] > 0
     cont = report["continual"]["tent"]
+    assert set(cont["error_over_time"]) == {"continual", "episodic:tent", "none"}
     assert cont["window"] == 40 and len(cont["error_over_time"]["continual"]) == 1 and cont["resets"] >= 3
     assert (tmp_path / cont["plot"]).is_file()

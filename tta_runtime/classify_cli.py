@@ -20,7 +20,7 @@ def _cmd_bench_tta(args: argparse.Namespace) -> int:
         args.json, model=args.model, methods=_csv(args.methods), corruptions=_csv(args.corruptions) or None,
         severities=[int(s) for s in _csv(args.severities)], batch_sizes=[int(b) for b in _csv(args.batch_sizes)],
         n_images=args.n_images, continual_methods=_csv(args.continual_methods), continual_images=args.continual_images,
-        reset_every=args.reset_every or None, command="tta-runtime " + shlex.join(sys.argv[1:]), progress=args.progress,
+        reset_every=args.reset_every or None, collapse_window=args.collapse_window or None, command="tta-runtime " + shlex.join(sys.argv[1:]), progress=args.progress,
     )
     _print_summary(report)
     print(f"wrote {args.json}")
@@ -40,7 +40,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     for name, c in report["continual"].items():
         print(
             f"continual {name} over {c['n_images']} images: mean error {json.dumps({k: round(100 * v, 2) for k, v in c['mean_error'].items()})}"
-            f", max window gap to episodic {100 * c['max_gap_continual_minus_episodic']:+.2f} points, {c['resets']} resets"
+            f", max window gap to its episodic counterpart {100 * c['max_gap_continual_minus_episodic']:+.2f} points, {c['resets']} resets"
         )
 
 
@@ -55,8 +55,9 @@ def add_cli(commands: Any, bench_commands: Any) -> None:
     b.add_argument("--severities", default="5")
     b.add_argument("--batch-sizes", default="1,64")
     b.add_argument("--n-images", type=int, default=None, help="first N test images (default: all 540)")
-    b.add_argument("--continual-methods", default="tent", help="methods for the long continual run ('' = none)")
+    b.add_argument("--continual-methods", default="tent_continual", help="recipes for the long continual run ('' = none)")
     b.add_argument("--continual-images", type=int, default=10_000)
     b.add_argument("--reset-every", type=int, default=1_000, help="continual reset policy (0 = off)")
+    b.add_argument("--collapse-window", type=int, default=50, help="continual collapse monitor window (0 = off)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     b.set_defaults(func=_cmd_bench_tta)
