@@ -310,7 +310,8 @@ class BatchedAdapter:
         active = torch.ones(b, dtype=torch.bool)  # images still stepping (early stop, time budget, guard)
         best = torch.full((b,), math.inf, dtype=torch.float64)
         since_best = torch.zeros(b, dtype=torch.long)
-        last_good = weights  # per image: the last weights that gave a finite loss and gradient
+        # per image: the last weights that gave a finite loss and gradient (fused Adam updates `weights` in place)
+        last_good = [w.clone() for w in weights] if fused_opt is not None else weights
         step_t = torch.tensor(step0, dtype=torch.float64, device=device)
         for step in range(n_steps):
             idx = None

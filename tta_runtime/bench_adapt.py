@@ -139,15 +139,19 @@ def build_configs(
         for b in batch_sizes:
             variants: list[tuple[str, dict[str, Any], list[str]]] = [("", {}, [])]
             variants += [(f"+{e}", EXEC_LEVERS[e], [e]) for e in exec_levers]
-            if len(exec_levers) > 1:  # all together ('graphs' already includes compile)
+            together = [e for e in exec_levers if not (e == "compile" and "graphs" in exec_levers)]  # graphs compiles
+            if len(together) > 1:  # all together
                 merged: dict[str, Any] = {}
-                for e in exec_levers:
-                    if not (e == "compile" and "graphs" in exec_levers):
-                        merged.update(EXEC_LEVERS[e])
-                variants.append(("+" + "+".join(exec_levers), merged, list(exec_levers)))
+                for e in together:
+                    merged.update(EXEC_LEVERS[e])
+                variants.append(("+" + "+".join(together), merged, together))
             for suffix, opts, names in variants:
                 ex = ExecutionOptions(batch_size=b, compile_backend=compile_backend, **opts)
                 configs.append(BenchConfig(f"{label}:batched{b}{suffix}", recipe, "batched", ex, [*base_levers, "vmap", *names]))
+    names_seen = [c.name for c in configs]
+    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
+    if twice:
+        raise ConfigError(f"configurations named twice: {twice} (an extra recipe repeats the fast one, or a batch size is repeated)")
     return configs
 
 
@@ -155,7 +159,10 @@ def build_configs(
 
 
 def _resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}); use --device cpu")
     if device.type not in ("cpu", "cuda"):
