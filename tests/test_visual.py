@@ -163,3 +163,16 @@ def test_panel_wide_caption_and_validation():
         panel([("a", tiny)], scale=0)
     with pytest.raises(ValueError, match=r"\(4, 4\)"):
         panel([("a", np.zeros((4, 4), np.float32))])
+
+
+def test_line_plot_draws_each_series_in_its_colour_and_refuses_bad_input():
+    from tta_runtime.visual import line_plot, palette
+
+    img = line_plot({"a": [0.0, 1.0, 0.5], "bb": [0.2, 0.2, 0.9]}, size=(160, 320), title="t", x_label="x")
+    assert img.shape == (160, 320, 3) and img.dtype == np.uint8
+    for colour in palette(2):
+        assert (np.abs(img.astype(int) - colour.astype(int)).sum(axis=2) < 30).sum() > 20  # each line is drawn
+    with pytest.raises(ValueError, match="finite"):
+        line_plot({"a": [0.0, float("nan")]})
+    with pytest.raises(ValueError, match="at least one"):
+        line_plot({})

@@ -282,6 +282,7 @@ def line_plot(
     if x_label:
         _put_text(cv2, canvas, x_label, ((left + right) // 2, bottom + 2 * text_h + 10), fs, align="center")
     colours = palette(len(arrays))
+    legend_x = right - 8 - 24 - max(cv2.getTextSize(k, _FONT, fs, 1)[0][0] for k in arrays)
     x0, x1, y0, y1 = left + 3, right - 3, top + 3, bottom - 3
     shift = 4
     for i, (name, v) in enumerate(arrays.items()):
@@ -293,9 +294,15 @@ def line_plot(
             cv2.circle(canvas, (int(pts[0, 0]), int(pts[0, 1])), 3 << shift, colour, -1, cv2.LINE_AA, shift)
         else:
             cv2.polylines(canvas, [pts.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA, shift)
+    # The legend last, on a white box, so no line runs through its text.
+    box_bottom = top + 6 + len(arrays) * (text_h + 6) + 4
+    cv2.rectangle(canvas, (legend_x - 4, top + 2), (right - 2, box_bottom), (255, 255, 255), -1)
+    cv2.rectangle(canvas, (legend_x - 4, top + 2), (right - 2, box_bottom), (200, 200, 200), 1)
+    for i, name in enumerate(arrays):
+        colour = tuple(int(c) for c in colours[i])
         ly = top + 6 + (i + 1) * (text_h + 6)
-        cv2.line(canvas, (right - 90, ly - text_h // 2), (right - 72, ly - text_h // 2), colour, 2, cv2.LINE_AA)
-        _put_text(cv2, canvas, name, (right - 68, ly), fs)
+        cv2.line(canvas, (legend_x, ly - text_h // 2), (legend_x + 18, ly - text_h // 2), colour, 2, cv2.LINE_AA)
+        _put_text(cv2, canvas, name, (legend_x + 22, ly), fs)
     return canvas
 
 
