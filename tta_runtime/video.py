@@ -8,6 +8,7 @@ One frame's way through, top to bottom:
          reconnect with back-off when a live source drops, end at the end of a file
       -> check: (H, W, 3) uint8 like the first frame, else skipped with a warning; BGR -> RGB
       -> scene-cut test (colour-histogram distance to the previous frame) -> runtime.reset()
+         (and, optionally, every `reset_every` frames)
       -> runtime.adapt_and_predict(frame, mode="continual", steps=steps_per_frame, time_budget_ms=...,
          adapt=...): warm start from the previous frame's weights, a step and a latency budget per frame
       -> collapse monitor (non-finite rollback, a sustained loss blow-up, RankMe of the slot masks)
@@ -78,7 +79,9 @@ __all__ = [
 Source = Union[str, os.PathLike, int, Iterable[np.ndarray]]
 GroundTruth = Union[str, os.PathLike, np.ndarray, Sequence[np.ndarray], Callable[[int], "np.ndarray | None"]]
 
-DEFAULT_RECIPE = "slot_tta_fast"
+# Constant lr, 50 % pixels per step, frozen encoder (adapters/slot_tta_stream.toml). Not slot_tta_fast:
+# that per-image preset warms up and decays its lr within each call, i.e. within every frame here.
+DEFAULT_RECIPE = "slot_tta_stream"
 # Chosen on the seed-1 generated video (textured background from frame 150), never on the reported
 # seed (scripts/stream_demo.sh, docs/stream/tune.json): with slot_tta_fast, 5 steps per frame gave
 # the shifted half FG-ARI 0.728 (2 steps 0.604, 10 steps 0.726, predict-only 0.474); the full-parameter
@@ -1032,7 +1035,8 @@ def stream(
             weights have moved: an adapted model fits the shift and would stop flagging it). Default:
             "always" (on the tuning video "when_ood" matched it on the shifted half with half the steps,
             but gave up the gain on in-distribution frames, where this model also improves).
-        recipe: adaptation recipe (name or .toml); None: the runtime's own. Its mode becomes "continual".
+        recipe: adaptation recipe (name or .toml; default slot_tta_stream); None: the runtime's own. Its
+            mode becomes "continual" and its `steps` `steps_per_frame`.
         steps_per_frame: adaptation steps per frame (at most; the latency budget may stop earlier).
         latency_budget_ms: per-frame budget; the loop gets what the frame's other work (measured on
             previous frames) leaves, and stops after the step that crosses it.
