@@ -159,15 +159,9 @@ def build_configs(
 
 
 def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__}); use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}")
-    return device
+    from .runtime import resolve_device
+
+    return resolve_device(name, allowed=("cpu", "cuda"))
 
 
 def _threads(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -419,15 +419,9 @@ def _check_part(kind: ExportKind, part: str) -> None:
 
 
 def _resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {name!r} is not a torch device name ('cpu', 'cuda', 'cuda:1'): {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"export device {name!r} requested but CUDA is not available here; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"export device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
-    return device
+    from .runtime import resolve_device
+
+    return resolve_device(name, allowed=("cpu", "cuda"))
 
 
 def _example_shape(spec: TensorSpec, opts: ExportOptions, card_size: int) -> tuple[int, ...]:

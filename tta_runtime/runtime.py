@@ -44,8 +44,11 @@ _RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
 
 
-def _resolve_device(name: str) -> torch.device:
-    """The requested device, or a clear error: never a silent fallback to the CPU."""
+def resolve_device(name: str, allowed: tuple[str, ...] = ("cpu", "cuda", "mps")) -> torch.device:
+    """The requested device, or a clear error: never a silent fallback to the CPU.
+
+    `allowed`: the device types the caller supports (export and the GPU benchmarks: cpu and cuda only).
+    """
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as e:
@@ -56,8 +59,8 @@ def _resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} requested but MPS is not available here; use device='cpu'")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device type {device.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    if device.type not in allowed:
+        raise ConfigError(f"device type {device.type!r} is not supported here; use one of {', '.join(map(repr, allowed))}")
     return device
 
 
@@ -84,7 +87,7 @@ class Runtime:
         self.options = options or RuntimeOptions()
         self.card = card
         self.folder = folder
-        self.device = _resolve_device(self.options.device)
+        self.device = resolve_device(self.options.device)
         self.model = model.to(self.device).eval()
         recipe = recipe or load_recipe(self.options.recipe)
         if self.options.mode is not None:
