@@ -25,7 +25,6 @@ from tta_runtime.export import (  # noqa: E402 - after the importorskips
     TOLERANCES,
     ExportError,
     SegmenterGraph,
-    add_cli,
     export,
     initializer_map,
     load_manifest,
@@ -33,6 +32,7 @@ from tta_runtime.export import (  # noqa: E402 - after the importorskips
     verify,
     write_weights,
 )
+from tta_runtime.cli_export import add_cli  # noqa: E402
 from tta_runtime.hub import sha256_file  # noqa: E402
 
 S = 32  # the shipped model's input size
@@ -319,7 +319,7 @@ def _cli(argv: list[str]) -> int:
 def test_cli_export_uses_the_same_argument_names(tiny_model_dir, tmp_path, capsys) -> None:
     from tta_runtime.cli import _CLI_MODULES
 
-    assert "tta_runtime.export" in _CLI_MODULES
+    assert "tta_runtime.cli_export" in _CLI_MODULES  # the export commands live in their CLI module
     out = tmp_path / "tiny.onnx"
     rc = _cli(["export", str(tiny_model_dir), "--format", "onnx", "--part", "predictor_ood", "--out", str(out),
                "--dynamic", "batch=1:4", "--opset", "13", "--batch", "2", "--device", "cpu"])
