@@ -320,7 +320,10 @@ def _cmd_train_feedforward(args: argparse.Namespace) -> int:
 
 # Stage modules that define `add_cli(commands, bench_commands)` (argparse subparser actions for top-level
 # commands and for `bench ...`); a stage not built yet is simply absent.
-_CLI_MODULES = ("tta_runtime.cli_video", "tta_runtime.cli_export", "tta_runtime.classify_cli", "tta_runtime.cli_bench_adapt")
+_CLI_MODULES = (
+    "tta_runtime.cli_video", "tta_runtime.cli_export", "tta_runtime.classify_cli", "tta_runtime.cli_bench_adapt",
+    "tta_runtime.cli_prune",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

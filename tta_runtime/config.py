@@ -103,6 +103,33 @@ class OODStats(_Frozen):
     split: str = "in_dist"
 
 
+class PruneCard(_Frozen):
+    """A pruned variant of a shipped model (``<model>/prune/<name>/prune.json``): FTWT mask predictors plus the
+    backbone fine-tuned with their masks, in one weights file (the base model's keys + ``predictors.*``)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="the variant's folder name, e.g. 'r0.6'")
+    base_model: str = Field(description="name of the model this variant was made from")
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the base weights it started from")
+    part: Literal["classifier", "segmenter_encoder"] = Field(description="which convs carry mask predictors")
+    r: float = Field(gt=0, le=1, description="FTWT's kept share of activation-peak mass the predictors learned")
+    masks: Literal["predict", "topk"] = Field(
+        "predict", description="'predict': sigmoid > 0.5 per channel (k varies per input); 'topk': the ks[u] most "
+        "likely channels of unit u (static k, what the gather path and its ONNX export run)",
+    )
+    ks: list[int] | None = Field(None, description="kept channels per unit for masks='topk' (unit 0 = full width)")
+    weights: WeightsSpec
+    training: dict[str, Any] = Field(default_factory=dict, description="provenance: command, recipe, seconds")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ks(self) -> PruneCard:
+        if self.masks == "topk" and not self.ks:
+            raise ValueError("masks='topk' needs ks (kept channels per unit)")
+        if self.ks is not None and min(self.ks) < 1:
+            raise ValueError(f"every k must be >= 1; got {self.ks}")
+        return self
+
+
 class ModelCard(_Frozen):
     """A shipped model's card (`card.json` in its folder)."""
 
@@ -261,6 +288,10 @@ class RuntimeOptions(_Frozen):
     )
     collapse_entropy: float = Field(0.5, gt=0, lt=1, description="threshold of the collapse monitor, as a fraction of ln(C)")
     load_calibration: bool = Field(True, description="load <model>/ood/ (False: to refit it, e.g. after retraining)")
+    prune: str | None = Field(
+        None, description="a pruned variant in <model>/prune/ (e.g. 'r0.6'): FTWT mask predictors decide per input "
+        "which channels run; adaptation reuses the masks predicted on the input before its loop",
+    )
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:

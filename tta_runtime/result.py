@@ -36,6 +36,9 @@ class Result:
       (-logsumexp of the logits), and `is_ood` is None
     - `adaptation`: what the adaptation did (None for `predict`); for a batch, every image's Result shares
       the one report of the batch's adaptation
+    - `pruning`: with `prune=` (a pruned variant), the frozen forward's channel decisions for this input:
+      `variant`, `kept_fraction` per unit, `macs_fraction` (multiply-accumulates of the pruned part, predictors
+      included, over its dense cost: a classifier's convs, a segmenter's encoder); None otherwise
     """
 
     masks: np.ndarray = _empty(0, 0, 0)
@@ -56,6 +59,7 @@ class Result:
     backend: str = "torch"
     adaptation: AdaptationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    pruning: dict[str, Any] | None = None  # pruned models: variant, kept_fraction per unit, macs_fraction
 
     @property
     def num_slots(self) -> int:
@@ -80,6 +84,8 @@ class Result:
             "timings": dict(self.timings),
             "adaptation": None if self.adaptation is None else self.adaptation.to_dict(),
         }
+        if self.pruning is not None:
+            out["pruning"] = dict(self.pruning)
         if self.task == "classification":
             out.update({"label": self.label, "label_name": self.label_name, "confidence": float(self.probs[self.label])})
             if arrays:

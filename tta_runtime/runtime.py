@@ -15,6 +15,7 @@ episodic mode: the loaded weights). For parallel throughput, create one `Runtime
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -33,9 +34,10 @@ from .errors import ConfigError, InvalidInputError, ModelLoadError
 from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
 from .inputs import PreparedImage, prepare_image, resize_image, resize_masks, split_batch
 from .ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output, load_calibration
+from .pruning import PRUNE_DIR, build_pruned, load_prune_card
 from .registry import unknown_name_message
 from .result import Result
-from .segmenter import SegmenterOutput, SlotSegmenter
+from .segmenter import SlotSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,10 @@ class Runtime:
         self._adapted_since_reset = 0  # continual mode's reset_every policy counts adapted inputs
         self._recent_labels: collections.deque[int] = collections.deque(maxlen=self.options.collapse_window or 1)
         self.calibration = self._load_calibration()
+        self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
+        if self.options.backend == "onnxruntime" and self.options.prune is not None:
+            raise ConfigError("prune= runs on backend='torch' (export a pruned path with `tta-runtime bench prune`)")
         if self.options.backend == "onnxruntime":
             if self.task != "segmentation":
                 raise ConfigError("backend='onnxruntime' supports the slot segmenter only for now; use backend='torch'")
@@ -124,8 +129,10 @@ class Runtime:
         if "recipe" not in runtime_kw:
             options = with_overrides(options, {"recipe": card.default_recipe}, "runtime options")
         recipe = load_recipe(options.recipe, **recipe_kw)
-        model = build_model(card)
-        state = load_weights(folder, card)
+        if options.prune is not None:
+            model, state = _pruned_model(folder, card, options.prune)
+        else:
+            model, state = build_model(card), load_weights(folder, card)
         if card.external is not None:
             from .encoders import load_into
 
@@ -237,7 +244,8 @@ class Runtime:
             t_fwd = time.perf_counter() - t1
             skip = self._skip_reason(gate, oods[0])
             if skip is None:
-                final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
+                with self._fixed_masks(x):
+                    final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
                 self._count_adapted(report, 1)
             else:
                 final, report = before, self._skipped_report(recipe, skip, x)
@@ -259,7 +267,8 @@ class Runtime:
             chosen = [i for i, r in enumerate(reasons) if r is None]
             logits = before.logits.clone()
             if chosen:
-                final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
+                with self._fixed_masks(x[chosen]):
+                    final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
                 logits[chosen] = final.logits
                 self._count_adapted(report, len(chosen), final.logits.argmax(dim=1).tolist())
             else:
@@ -351,16 +360,40 @@ class Runtime:
         """The calibrated OOD scorer from `<model folder>/ood/`, if the folder has one."""
         if not self.options.load_calibration:
             return None
-        has = self.folder is not None and (self.folder / "ood").is_dir()
+        folder = self.folder
+        if folder is not None and self.options.prune is not None:
+            folder = folder / PRUNE_DIR / self.options.prune  # a pruned model's scores need their own calibration
+        has = folder is not None and (folder / "ood").is_dir()
         if not has:
             if self.options.adapt == "when_ood" or self.options.ood_scorer is not None:
-                load_calibration(self.folder or Path("."))  # raises, saying how to fit one
+                load_calibration(folder or Path("."))  # raises, saying how to fit one
             return None
-        cals = load_calibration(self.folder)  # type: ignore[arg-type]
+        cals = load_calibration(folder)  # type: ignore[arg-type]
         name = self.options.ood_scorer or (DEFAULT_SCORER if DEFAULT_SCORER in cals else sorted(cals)[0])
         if name not in cals:
             raise ConfigError(unknown_name_message("calibrated OOD scorer", name, list(cals)))
         return cals[name]
+
+    def _fixed_masks(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """A pruned model decides its masks on the adaptation loop's first forward of `x` (the recipe's
+        normalisation, before any update) and every later step reuses them."""
+        fixed = getattr(self.model, "fixed_masks", None)
+        return fixed() if fixed is not None else contextlib.nullcontext()
+
+    def _pruning_info(self, n: int) -> list[dict[str, Any] | None]:
+        """Per image of the latest forward of a pruned model: kept share per unit and the conv-MACs fraction."""
+        if self.options.prune is None or not getattr(self.model, "last_masks", None):
+            return [None] * n
+        kept = self.model.kept()  # type: ignore[operator]
+        widths = torch.tensor([m.shape[1] for m in self.model.last_masks], dtype=torch.float64)  # type: ignore[union-attr]
+        macs = self.model.macs_fraction()  # type: ignore[operator]
+        if kept.shape[0] != n:  # a batch-level mask union (never for the frozen path): report it for each image
+            kept, macs = kept.expand(n, -1), macs.expand(n)
+        return [{"variant": self.options.prune, "kept_fraction": [round(float(v), 4) for v in kept[i] / widths],
+                 "macs_fraction": round(float(macs[i]), 4)} for i in range(n)]
+
+    def _pruning_of(self, i: int) -> dict[str, Any] | None:
+        return self._last_pruning[i] if i < len(self._last_pruning) else None
 
     def _gate(self, adapt: str | None) -> str:
         gate = adapt or self.options.adapt
@@ -386,6 +419,7 @@ class Runtime:
                     self.model, x, out, encoded=encoded, embedding=cal.embedding if cal else "encoder"
                 )
         n = x.shape[0]
+        self._last_pruning = self._pruning_info(n)
         mse = feats.recon_mse.float().cpu().numpy() if feats.recon_mse is not None else np.full(n, np.nan)
         if cal is not None:
             scores = cal.score(feats)
@@ -451,7 +485,7 @@ class Runtime:
                 reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
                 ood_score=float(score), ood_scorer=scorer, recon_mse=float(mses[i]), is_ood=is_ood,
                 image=p.original_rgb, model=self.name, device=str(self.device), backend=self.backend, adaptation=report,
-                timings=dict(timings), task="segmentation",
+                timings=dict(timings), task="segmentation", pruning=self._pruning_of(i),
             ))
         return results
 
@@ -471,8 +505,26 @@ class Runtime:
                 label_name=names[label] if names else "", task="classification",
                 ood_score=float(score), ood_scorer=scorer, is_ood=is_ood, image=p.original_rgb, model=self.name,
                 device=str(self.device), backend="torch", adaptation=report, timings=dict(timings),
+                pruning=self._pruning_of(i),
             ))
         return results
+
+
+def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The pruned variant `name` of the model in `folder`: its module and checked state dict."""
+    prune = load_prune_card(folder, name)
+    if prune.base_sha256 != card.weights.sha256:
+        raise ModelLoadError(
+            f"pruned variant {name!r} was made from other weights of {card.name!r} (sha256 {prune.base_sha256[:12]}..., "
+            f"the card has {card.weights.sha256[:12]}...); retrain it with `tta-runtime prune train`"
+        )
+    model = build_pruned(card, prune)
+    state = load_weights(folder / PRUNE_DIR / name, card, prune.weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"weights of pruned variant {name!r} do not fit {card.name!r}: {e}") from None
+    return model, state
 
 
 def build_model(card: ModelCard) -> torch.nn.Module:
