@@ -261,3 +261,35 @@ def test_bench_measures_cpu_peak_memory_in_a_fresh_process(tiny_model_dir: pathl
     )
     mem = report["configs"]["faithful"]["peak_memory_mb"]
     assert mem is not None and mem >= 0
+
+
+# -- the recipe's [execution] table: Runtime.adapt_and_predict on a batch -----------------------------
+
+
+def test_a_recipe_with_execution_adapts_a_batch_at_once_through_the_runtime(ood_batch) -> None:
+    from tta_runtime import Runtime
+
+    rt = Runtime.from_pretrained(recipe="slot_tta_batched", steps=3)
+    assert rt.recipe.execution is not None and rt.recipe.execution.batch_size == 8
+    before = {k: v.clone() for k, v in rt.model.state_dict().items()}
+    images = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in ood_batch]
+    results = rt.adapt_and_predict(images)
+    # exactly what BatchedAdapter gives on the same tensor: the runtime routes the batch there
+    ref, reports = BatchedAdapter(rt.model, rt.recipe).run(images_to_tensor(np.stack(images)))
+    for i, r in enumerate(results):
+        assert r.adaptation.steps_run == 3 and r.adaptation.skipped is None
+        assert np.allclose(r.adaptation.losses, reports[i].losses, rtol=1e-5)  # the runtime's /255 rounds differently
+        assert np.allclose(r.masks, ref.masks[i].reshape(-1, 32, 32).numpy(), atol=MASK_TOL)
+    assert all(torch.equal(before[k], v) for k, v in rt.model.state_dict().items())
+    # gated off: every image keeps the frozen prediction and says why
+    skipped = rt.adapt_and_predict(images, adapt="never")
+    plain = rt.predict(images)
+    assert all(s.adaptation.skipped == "adapt='never'" and np.array_equal(s.masks, p.masks) for s, p in zip(skipped, plain))
+    # execution=None per call: the one loop, image by image
+    assert rt.adapt_and_predict(images, execution=None)[0].adaptation.timings.get("batch") is None
+    with pytest.raises(ConfigError, match="per-step callback"):
+        rt.adapt_and_predict(images, on_step=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="episodic"):
+        rt.adapt_and_predict(images, mode="continual")
+    with pytest.raises(ConfigError, match="execution"):
+        Runtime.from_pretrained(recipe="slot_tta_batched", execution={"batch_size": 0})

@@ -30,7 +30,7 @@ from .config import AdaptConfig
 from .errors import ConfigError
 from .methods import Method, MethodContext, get_method
 from .methods.base import entropy
-from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
+from .segmenter import SlotSegmenter, image_targets
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ check it in float64 (tests/test_bench_adapt.py). In float32, Adam's division of 
 magnitude lets a rounding difference in a near-zero gradient flip a step's sign, so long runs drift apart
 as two thread counts do; `tta-runtime bench adapt` reports how far on real images.
 
-Execution levers (`ExecutionOptions`, all off by default; they change how the step runs, not the recipe):
+Execution levers (a recipe's `[execution]` table, `config.ExecutionConfig`, alias `ExecutionOptions`; all off by default; they change how the step runs, not the recipe):
 `batch_size` caps how many images run together, `compile` wraps the step in `torch.compile`
 ("reduce-overhead" also captures it in CUDA graphs), `autocast="bf16"` runs forward and backward in
 bfloat16 (weights and Adam stay float32), `adam="fused"` uses PyTorch's fused Adam kernel
@@ -33,15 +33,13 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .adapt import AdaptationReport, lr_at, select_parameters
-from .config import AdaptConfig
+from .config import AdaptConfig, ExecutionConfig
 from .errors import ConfigError
 from .segmenter import SegmenterOutput, SlotSegmenter, image_targets
 
@@ -53,26 +51,8 @@ _OUTPUT_FIELDS = ("masks", "reconstruction", "rgb", "logits", "slots", "attentio
 _SUPPORTED_METHODS = ("slot_reconstruction",)
 
 
-class ExecutionOptions(BaseModel):
-    """How the batched adaptation runs; none of these changes what a recipe minimises.
-
-    `autocast` is the exception that changes numbers: forward and backward in bfloat16.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    batch_size: int = Field(8, ge=1, le=4096, description="images adapted together, each with its own weights")
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch.compile the step; 'reduce-overhead' also captures CUDA graphs"
-    )
-    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' or 'aot_eager': capture without generating code)")
-    autocast: Literal["off", "bf16"] = Field(
-        "off", description="bfloat16 forward and backward (float32 weights and Adam); float16 would need loss scaling"
-    )
-    adam: Literal["functional", "fused"] = Field(
-        "functional", description="'functional': Adam as tensor maths in this module (compiles with the step); "
-        "'fused': torch.optim.Adam(fused=True) on the stacked weights",
-    )
+# The execution levers are a recipe's [execution] table (config.ExecutionConfig); the old name stays.
+ExecutionOptions = ExecutionConfig
 
 
 def adam_update(
@@ -169,7 +149,7 @@ class BatchedAdapter:
             )
         self.model = model
         self.cfg = cfg
-        self.execution = execution or ExecutionOptions()
+        self.execution = execution or cfg.execution or ExecutionConfig()
         self.training_optimizer_state = training_optimizer_state
         self._fn = _Functional(model)
         chosen = select_parameters(model, cfg.params)

@@ -299,6 +299,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "name": args.name, "segmenter": seg, "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "pixel_fraction": args.pixel_fraction, "mask_weight": args.mask_weight,
             "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight, "eval_every": args.eval_every, "ckpt_every": args.ckpt_every,
+            "warmup": args.warmup, "lr_final_fraction": args.lr_final_fraction, "val_images": args.val_images,
+            "init_from": args.init_from, "data_start": args.data_start,
         },
         "train options",
     )
@@ -412,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-weight", type=float, default=1.0)
     t.add_argument("--mask-weight-final", type=float, default=0.1)
     t.add_argument("--attn-weight", type=float, default=0.0, help="matched mask loss on the attention maps too (paper: 0)")
+    t.add_argument("--warmup", type=int, default=500, help="linear lr warm-up steps")
+    t.add_argument("--lr-final-fraction", type=float, default=0.1, help="cosine decay to lr x this at the end")
+    t.add_argument("--init-from", default=None, help="start from a checkpoint (ckpt.pt) or model folder: a fine-tuning stage")
+    t.add_argument("--data-start", type=int, default=0, help="first training scene index")
+    t.add_argument("--val-images", type=int, default=64)
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)

@@ -180,6 +180,25 @@ class ModelCard(_Frozen):
 ParamSelection = Literal["all", "norm", "no_encoder", "decoder"]
 
 
+class ExecutionConfig(_Frozen):
+    """How a batch of images is adapted (slot segmenters, episodic): all at once, each image with its own
+    weights (``torch.func`` vmap over stacked parameters, ``tta_runtime.batched_adapt``). None of these
+    changes what a recipe minimises; ``autocast`` is the one that changes numbers (bfloat16)."""
+
+    batch_size: int = Field(8, ge=1, le=4096, description="images adapted together, each with its own weights")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the step; 'reduce-overhead' also captures CUDA graphs"
+    )
+    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' or 'aot_eager': capture without generating code)")
+    autocast: Literal["off", "bf16"] = Field(
+        "off", description="bfloat16 forward and backward (float32 weights and Adam); float16 would need loss scaling"
+    )
+    adam: Literal["functional", "fused"] = Field(
+        "functional", description="'functional': Adam as tensor maths (compiles with the step); "
+        "'fused': torch.optim.Adam(fused=True) on the stacked weights",
+    )
+
+
 class AdaptConfig(_Frozen):
     """One adaptation recipe: what to minimise, which parameters, which optimizer, how long.
 
@@ -234,6 +253,10 @@ class AdaptConfig(_Frozen):
     )
     mode: Literal["episodic", "continual"] = "episodic"
     seed: int = Field(0, description="seeds pixel subsets; the model itself is deterministic")
+    execution: ExecutionConfig | None = Field(
+        None, description="a recipe's [execution] table: a batch of images given to adapt_and_predict is adapted "
+        "all at once, each image with its own weights (slot segmenters, episodic); None = image by image",
+    )
 
     @model_validator(mode="after")
     def _optimizer_state(self) -> AdaptConfig:

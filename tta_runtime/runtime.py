@@ -37,7 +37,7 @@ from .ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output,
 from .pruning import PRUNE_DIR, build_pruned, load_prune_card
 from .registry import unknown_name_message
 from .result import Result
-from .segmenter import SlotSegmenter
+from .segmenter import SegmenterOutput, SlotSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,9 @@ class Runtime:
         t0 = time.perf_counter()
         prepared = self._prepare(items, channel_order)
         t_prep = time.perf_counter() - t0
-        if self.task == "segmentation":
+        if self.task == "segmentation" and recipe.execution is not None and len(prepared) > 1:
+            results = self._adapt_segmenter_batched(prepared, gate, recipe, on_step, t_prep)
+        elif self.task == "segmentation":
             results = [self._adapt_segmenter(p, gate, recipe, on_step, t_prep / len(prepared)) for p in prepared]
         else:
             results = self._adapt_classifier(prepared, gate, recipe, on_step, t_prep)
@@ -252,6 +254,50 @@ class Runtime:
         result = self._results(final, [prepared], oods, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)[0]
         result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
         return result
+
+    def _adapt_segmenter_batched(
+        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
+        t_prep: float,
+    ) -> list[Result]:
+        """The recipe's [execution]: the images that pass the gate are adapted all at once, each with its own
+        weights (`BatchedAdapter`), in chunks of `execution.batch_size`; the model's weights stay untouched."""
+        from .batched_adapt import BatchedAdapter
+
+        if on_step is not None:
+            raise ConfigError("on_step is called by the one-image loop; batched execution has no per-step callback: "
+                              "drop the recipe's [execution] (or pass execution=None) to watch the steps")
+        if self.options.prune is not None:
+            raise ConfigError("batched execution does not run pruned variants yet; load without prune= or drop the "
+                              "recipe's [execution]")
+        x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
+        with self._lock:
+            t1 = time.perf_counter()
+            before, oods = self._frozen_path(x)
+            t_fwd = time.perf_counter() - t1
+            reasons = [self._skip_reason(gate, o) for o in oods]
+            chosen = [i for i, r in enumerate(reasons) if r is None]
+            reports: list[AdaptationReport | None] = [None] * len(prepared)
+            fields = ("masks", "reconstruction", "rgb", "logits", "slots", "attention")
+            merged = {f: getattr(before, f).clone() for f in fields}
+            if chosen:
+                batched = BatchedAdapter(
+                    self.model, recipe, execution=recipe.execution,
+                    training_optimizer_state=self._adapter.training_optimizer_state,
+                )
+                out, reps = batched.run(x[chosen])
+                for j, i in enumerate(chosen):
+                    for f in fields:
+                        merged[f][i] = getattr(out, f)[j].to(merged[f].dtype)
+                    reports[i] = reps[j]
+        final = SegmenterOutput(**merged)
+        results = []
+        for i, p in enumerate(prepared):
+            report = reports[i] or self._skipped_report(recipe, reasons[i] or "", x[i : i + 1])
+            timings = {"preprocess_s": t_prep / len(prepared), "forward_s": t_fwd / len(prepared)}
+            res = self._results(_slice_output(final, i), [p], [oods[i]], report, timings, x[i : i + 1])[0]
+            res.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
+            results.append(res)
+        return results
 
     def _adapt_classifier(
         self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
@@ -508,6 +554,11 @@ class Runtime:
                 pruning=self._pruning_of(i),
             ))
         return results
+
+
+def _slice_output(out: SegmenterOutput, i: int) -> SegmenterOutput:
+    """Image `i` of a batched segmenter output, as a batch of one."""
+    return SegmenterOutput(*(getattr(out, f)[i : i + 1] for f in ("masks", "reconstruction", "rgb", "logits", "slots", "attention")))
 
 
 def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

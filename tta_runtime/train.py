@@ -61,6 +61,11 @@ class TrainConfig(_Frozen):
     pixel_fraction: float = Field(0.25, gt=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = TRAIN_SEED
+    init_from: str | None = Field(
+        None, description="start from these weights (a training checkpoint ckpt.pt or a model folder) with a fresh "
+        "optimizer and this config's schedule: a fine-tuning stage"
+    )
+    data_start: int = Field(0, ge=0, description="first scene index of the training stream (a later stage can use unseen scenes)")
     ckpt_every: int = Field(250, ge=1)
     eval_every: int = Field(500, ge=1)
     val_images: int = Field(64, ge=1)
@@ -150,6 +155,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_path = run_dir / "ckpt.pt"
     step, elapsed = checkpoint.resume(ckpt_path, cfg, model, opt)
+    if step == 0 and cfg.init_from is not None:
+        model.load_state_dict(_initial_weights(cfg.init_from), strict=True)
+        log.info("initialised from %s", cfg.init_from)
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     s = cfg.segmenter.resolution
     n_pix = s * s
@@ -159,7 +167,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     model.train()
     t_last = time.perf_counter()
     while step < cfg.steps:
-        images, inst = generate_scenes("in_dist", cfg.batch, seed=cfg.seed, size=s, start=step * cfg.batch)
+        images, inst = generate_scenes("in_dist", cfg.batch, seed=cfg.seed, size=s, start=cfg.data_start + step * cfg.batch)
         x = to_tensor(images)
         gen.manual_seed(cfg.seed * 1_000_003 + step)  # resumable: the pixel subset depends on the step only
         idx = None
@@ -204,6 +212,23 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     logf.close()
     model.eval()
     return model
+
+
+def _initial_weights(source: str) -> dict[str, torch.Tensor]:
+    """The model state dict in a training checkpoint (ckpt.pt, read with weights_only=True) or a model folder."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".pt":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
+            raise ConfigError(f"init_from {path} is not a readable training checkpoint: {type(e).__name__}: {e}") from None
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise ConfigError(f"init_from {path} holds no 'model' state dict (expected a tta-runtime train checkpoint)")
+        return ckpt["model"]
+    from .hub import find_model, load_card, load_weights
+
+    folder = find_model(source)
+    return load_weights(folder, load_card(folder))
 
 
 def _save_adam_moments(model: SlotSegmenter, ckpt_path: Path, out: Path) -> WeightsSpec:
