@@ -384,3 +384,25 @@ def test_eval_in_worker_processes_gives_the_same_numbers(tmp_path: pathlib.Path)
     args = ["eval", "--splits", "in_dist,unseen_colours", "--n-images", "2", "--steps", "2", "--baseline", "none"]
     assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
     assert main([*args, "--jobs", "2", "--check", str(tmp_path / "one.json")]) == 0
+
+
+def test_train_init_from_starts_a_fine_tuning_stage_from_the_weights(
+    trained: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    starts: list[int] = []
+    _spy_scenes(monkeypatch, starts)
+    # a learning rate too small to move anything: the stage must end where its initial weights are
+    args = _train_args(tmp_path, 2) + ["--init-from", str(trained / "run" / "ckpt.pt"), "--data-start", "1000",
+                                       "--warmup", "0", "--lr", "1e-12"]
+    assert main(args) == 0
+    stage0 = load_file(str(trained / "m" / "weights.safetensors"))
+    stage1 = load_file(str(tmp_path / "m" / "weights.safetensors"))
+    for k in stage0:
+        torch.testing.assert_close(stage1[k], stage0[k], rtol=0, atol=1e-6)
+    assert starts == [1000, 1000 + BATCH]  # fresh scenes from --data-start
+    assert load_card(tmp_path / "m").training["config"]["init_from"] == str(trained / "run" / "ckpt.pt")
+    # a file that is not a checkpoint: one error line
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(_train_args(tmp_path / "b", 2) + ["--init-from", str(bad)]) == 2
+    assert "init_from" in capsys.readouterr().err
