@@ -15,9 +15,9 @@ then a position embedding: (B, 3, S, S) -> (B, S*S, D). Unit u is conv u + ReLU.
 
 ``PrunedSegmenter`` keeps ``SlotSegmenter``'s parameter names (recipes' ``params`` such as "no_encoder",
 the Adapter and the exporters see the same model) and adds ``predictors``; only ``encode`` changes.
-Adaptation composes with pruning through ``fixed_masks(x)``: the channels are chosen once on the input
-before adaptation and every step inside the block computes with them (the decisions do not drift while the
-weights adapt). Costs are theoretical MACs (``encoder_macs``): masks are multiplied onto full convolutions,
+Adaptation composes with pruning through ``fixed_masks()`` (``tta_runtime.pruning.FixedMasks``): the
+runtime opens the block around the adaptation loop, the loop's first forward chooses the channels and every
+later step computes with them (the decisions do not drift while the weights adapt). Costs are theoretical MACs (``encoder_macs``): masks are multiplied onto full convolutions,
 so the PyTorch path is not faster; a gather path would be (see ``tta_runtime.pruning``).
 
 ``train_ftwt_segmenter`` is FTWT's decoupled training with the segmenter's own training loss
