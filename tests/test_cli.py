@@ -406,3 +406,13 @@ def test_train_init_from_starts_a_fine_tuning_stage_from_the_weights(
     bad.write_bytes(b"not a checkpoint")
     assert main(_train_args(tmp_path / "b", 2) + ["--init-from", str(bad)]) == 2
     assert "init_from" in capsys.readouterr().err
+
+
+def test_train_stop_at_then_resume_equals_the_straight_run(trained: pathlib.Path, tmp_path: pathlib.Path):
+    assert main(_train_args(tmp_path, 3) + ["--stop-at", "2"]) == 0
+    assert _ckpt_step(tmp_path / "run") == 2
+    assert main(_train_args(tmp_path, 3)) == 0  # the schedule is the 3-step one throughout
+    resumed, straight = load_file(str(tmp_path / "m" / "weights.safetensors")), load_file(str(trained / "m" / "weights.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+    assert main(_train_args(tmp_path / "x", 3) + ["--stop-at", "4"]) == 2

@@ -305,7 +305,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "train options",
     )
     run_dir = Path(args.run_dir or f"runs/{cfg.name}")
-    model = train(cfg, run_dir, progress=True)
+    model = train(cfg, run_dir, progress=True, stop_at=args.stop_at)
     command = "tta-runtime " + shlex.join(args.argv)
     out = write_model_folder(model, cfg, Path(args.out), command=command, run_dir=run_dir)
     print(f"wrote model folder {out}")
@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", default=None, help="start from a checkpoint (ckpt.pt) or model folder: a fine-tuning stage")
     t.add_argument("--data-start", type=int, default=0, help="first training scene index")
     t.add_argument("--val-images", type=int, default=64)
+    t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; re-run to resume)")
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--ckpt-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)

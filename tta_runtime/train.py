@@ -141,8 +141,13 @@ def validate_model(model: SlotSegmenter, n: int, split: str = "in_dist", seed: i
     }
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegmenter:
-    """Train (or resume) and return the model. Logs go to `run_dir/log.jsonl`."""
+def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: int | None = None) -> SlotSegmenter:
+    """Train (or resume) and return the model. Logs go to `run_dir/log.jsonl`.
+
+    `stop_at`: stop after this step (checkpointed) although the schedule runs to `cfg.steps`; a later call
+    resumes from there. How a run cut short by a session's end is replayed exactly."""
+    if stop_at is not None and not 1 <= stop_at <= cfg.steps:
+        raise ConfigError(f"stop_at must be in 1..steps ({cfg.steps}); got {stop_at}")
     needed = max_objects("in_dist") + 1  # every object plus the background needs its own slot
     if cfg.segmenter.num_slots < needed:
         raise ConfigError(
@@ -166,7 +171,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
     logf = (run_dir / "log.jsonl").open("a")
     model.train()
     t_last = time.perf_counter()
-    while step < cfg.steps:
+    end = cfg.steps if stop_at is None else stop_at
+    while step < end:
         images, inst = generate_scenes("in_dist", cfg.batch, seed=cfg.seed, size=s, start=cfg.data_start + step * cfg.batch)
         x = to_tensor(images)
         gen.manual_seed(cfg.seed * 1_000_003 + step)  # resumable: the pixel subset depends on the step only
@@ -206,7 +212,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True) -> SlotSegm
         if step % 50 == 0 or "val" in record:
             logf.write(json.dumps(record) + "\n")
             logf.flush()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step in (cfg.steps, end):
             checkpoint.save(ckpt_path, cfg, model, opt, step, elapsed)
     bar.close()
     logf.close()
