@@ -34,3 +34,12 @@ def test_continual_stream_runs_every_frame_and_resets() -> None:
     out = _run("continual_stream.py", "--frames", "3", "--steps", "2")
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("frame")] == ["frame 0", "frame 1", "frame 2"]
     assert "reset to the shipped weights" in out
+
+
+@pytest.mark.slow
+def test_pruned_classifier_compares_dense_and_pruned() -> None:
+    out = _run("pruned_classifier.py", "--n", "32")
+    lines = out.splitlines()
+    assert lines[0].startswith("32 test digits")
+    assert lines[1].startswith("dense") and lines[2].startswith("pruned r0.6")
+    assert "of the dense multiply-accumulates" in lines[2]
