@@ -414,3 +414,39 @@ def test_card_with_unknown_field_is_a_model_load_error(tiny_model_dir):
     (tiny_model_dir / "card.json").write_text(json.dumps(card))
     with pytest.raises(tta_runtime.ModelLoadError, match="num_slotz"):
         tta_runtime.Runtime.from_pretrained(tiny_model_dir)
+
+
+def test_mask_source_attention_makes_the_attention_maps_the_segmentation(tiny_model_dir, tmp_path) -> None:
+    """A card with mask_source='attention': Result.masks, the eval's segmentation and the exported 'masks'
+    come from the last slot-attention maps; the reconstruction still from the decoder."""
+    import json
+    import shutil
+
+    import torch
+
+    from tta_runtime.segmenter import images_to_tensor, segmentation_masks
+
+    folder = tmp_path / "tiny-attn"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["segmenter"]["mask_source"] = "attention"
+    (folder / "card.json").write_text(json.dumps(card))
+    rt = tta_runtime.Runtime.from_pretrained(folder)
+    assert rt.model.cfg.mask_source == "attention"
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    res = rt.predict(image)
+    with torch.no_grad():
+        out = rt.model(images_to_tensor(image[None]))
+    s = rt.input_size
+    np.testing.assert_allclose(res.masks, out.attention[0].reshape(-1, s, s).numpy(), atol=1e-6)
+    assert not np.allclose(res.masks, out.masks[0].reshape(-1, s, s).numpy(), atol=1e-3)  # the source matters
+    np.testing.assert_allclose(res.reconstruction, out.reconstruction[0].reshape(s, s, 3).clamp(0, 1).numpy(), atol=1e-6)
+    assert torch.equal(segmentation_masks(rt.model.cfg, out), out.attention)
+    # exported: the 'masks' output follows the card too
+    exported = rt.export(tmp_path / "attn.onnx", part="predictor")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
+    x = images_to_tensor(image[None]).numpy()
+    onnx_masks = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))["masks"]
+    np.testing.assert_allclose(onnx_masks[0], res.masks, atol=1e-4)

@@ -58,7 +58,7 @@ from .hub import find_model, load_card, load_optimizer_state, load_recipe
 from .metrics import fg_ari, paired_bootstrap_ci
 from .registry import unknown_name_message
 from .scenes import OOD_SPLITS, SPLITS, TEST_SEED, generate_scenes
-from .segmenter import SlotSegmenter, images_to_tensor
+from .segmenter import SegmenterOutput, SlotSegmenter, images_to_tensor, segmentation_masks
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _segmentations(masks: torch.Tensor, size: int) -> np.ndarray:
-    return masks.argmax(1).reshape(-1, size, size).cpu().numpy()
+def _segmentations(model: SlotSegmenter, out: SegmenterOutput, size: int) -> np.ndarray:
+    return segmentation_masks(model.cfg, out).argmax(1).reshape(-1, size, size).cpu().numpy()
 
 
 @dataclass
@@ -215,7 +215,7 @@ def run_config(
             out, rep = adapter.run(images[i : i + 1])
             _sync(device)
             seconds.append(time.perf_counter() - t)
-            seg.append(_segmentations(out.masks, size))
+            seg.append(_segmentations(model, out, size))
             steps.append(rep.steps_run)
             ms_step.append(1e3 * rep.timings["adapt_s"] / max(rep.steps_run, 1))
     else:
@@ -233,7 +233,7 @@ def run_config(
             out, reps = adapter.run(chunk)
             _sync(device)
             dt = time.perf_counter() - t
-            seg.append(_segmentations(out.masks, size))
+            seg.append(_segmentations(model, out, size))
             top = max(r.steps_run for r in reps)
             for r in reps:
                 seconds.append(dt / len(chunk))
@@ -412,7 +412,7 @@ def _quality_section(
     truth = np.concatenate([d[1] for d in data.values()])
     with _threads(device), torch.no_grad():
         net = net.to(device)
-        seg_before = _segmentations(net(images.to(device)).masks, size)
+        seg_before = _segmentations(net, net(images.to(device)), size)
     before = np.array([fg_ari(truth[i], seg_before[i]) for i in range(len(truth))])
 
     results: dict[str, Any] = {}

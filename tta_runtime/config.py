@@ -34,6 +34,11 @@ class SegmenterConfig(_Frozen):
     decoder_fourier_bands: int = Field(
         0, ge=0, le=12, description="sin/cos encodings of the pixel coordinates at 1, 2, 4, ... cycles [0: raw coordinates]"
     )
+    mask_source: Literal["decoder", "attention"] = Field(
+        "decoder", description="which masks are the segmentation output: the decoder's alpha masks (the paper's, "
+        "[decoder]) or the last slot-attention maps over the encoder positions (one per pixel at stride 1). The "
+        "reconstruction, its loss and the OOD mask entropy always use the decoder's",
+    )
 
     @field_validator("encoder_kernel")
     @classmethod

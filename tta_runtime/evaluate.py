@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import AdaptConfig
+from .config import AdaptConfig, SegmenterConfig
 from .errors import ConfigError
 from .hub import load_recipe
 from .metrics import bootstrap_ci, paired_bootstrap_ci, segmentation_metrics
 from .runtime import Runtime
 from .scenes import OOD_SPLITS, TEST_SEED, generate_scenes
-from .segmenter import SegmenterOutput
+from .segmenter import SegmenterOutput, segmentation_masks
 
 METRICS = ("fg_ari", "ari", "miou")
 
@@ -38,8 +38,8 @@ def _summary(values: Sequence[float], seed: int) -> dict[str, float]:
     return {"mean": round(mean, 6), "ci95": [round(lo, 6), round(hi, 6)]}
 
 
-def _segment(out: SegmenterOutput, size: int) -> np.ndarray:
-    return out.masks[0].argmax(0).reshape(size, size).cpu().numpy()
+def _segment(cfg: SegmenterConfig, out: SegmenterOutput, size: int) -> np.ndarray:
+    return segmentation_masks(cfg, out)[0].argmax(0).reshape(size, size).cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -93,7 +93,7 @@ def _evaluate_split(
 
         def on_step(step: int, out: SegmenterOutput, i: int = i) -> None:
             t_cb = time.perf_counter()
-            scores = segmentation_metrics(truth[i], _segment(out, size))
+            scores = segmentation_metrics(truth[i], _segment(runtime.model.cfg, out, size))
             step_scores.append((scores["fg_ari"], -step, scores))  # ties: the earliest step
             in_callback[0] += time.perf_counter() - t_cb
 

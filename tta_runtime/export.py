@@ -70,6 +70,7 @@ from torch import nn
 from .config import ModelCard, validate
 from .errors import ConfigError, TTARuntimeError
 from .registry import Registry
+from .segmenter import segmentation_masks
 
 if TYPE_CHECKING:
     import onnx
@@ -308,8 +309,9 @@ class SegmenterGraph(nn.Module):
         if self.part == "encoder":
             return (encoded,)
         out = self.model.forward_features(encoded)
-        b, k, _ = out.masks.shape
-        masks = out.masks.reshape(b, k, s, s)  # (B, K, S, S)
+        seg = segmentation_masks(self.model.cfg, out)  # the card's mask_source
+        b, k, _ = seg.shape
+        masks = seg.reshape(b, k, s, s)  # (B, K, S, S)
         recon = out.reconstruction.transpose(1, 2).reshape(b, 3, s, s)  # (B, 3, S, S)
         extra: tuple[torch.Tensor, ...] = ()
         if self.part == "predictor_ood":

@@ -37,7 +37,7 @@ from .ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output,
 from .pruning import PRUNE_DIR, build_pruned, load_prune_card
 from .registry import unknown_name_message
 from .result import Result
-from .segmenter import SegmenterOutput, SlotSegmenter
+from .segmenter import SegmenterOutput, SlotSegmenter, segmentation_masks
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +520,7 @@ class Runtime:
         results = []
         for i, p in enumerate(prepared):
             h, w = p.original_size
-            masks = out.masks[i].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
+            masks = segmentation_masks(self.model.cfg, out)[i].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
             recon = out.reconstruction[i].detach().float().cpu().numpy().reshape(s, s, 3)
             masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
             recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon

@@ -169,6 +169,14 @@ class SlotSegmenter(nn.Module):
         return self.forward_features(self.encode(image), pixel_idx)
 
 
+def segmentation_masks(cfg: SegmenterConfig, out: SegmenterOutput) -> torch.Tensor:
+    """The masks that are the model's segmentation, (B, K, S*S) summing to 1 over K: ``out.masks`` (decoder)
+    or ``out.attention`` (slot attention over the stride-1 encoder positions), by ``cfg.mask_source``."""
+    if cfg.mask_source == "attention":
+        return out.attention
+    return out.masks
+
+
 def images_to_tensor(images: "np.ndarray") -> torch.Tensor:
     """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .hub import sha256_file
 from .metrics import fg_ari, hungarian_match
 from .scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
-from .segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss
+from .segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss, segmentation_masks
 from .segmenter import images_to_tensor as to_tensor
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def predict_batches(model: SlotSegmenter, images: np.ndarray, batch: int = 64) -
     for i in range(0, len(images), batch):
         x = to_tensor(images[i : i + batch])
         out = model(x)
-        masks.append(out.masks.numpy())
+        masks.append(segmentation_masks(model.cfg, out).numpy())
         target = x.flatten(2).transpose(1, 2)
         mses.append(((out.reconstruction - target) ** 2).mean(dim=(1, 2)).numpy())
     return np.concatenate(masks), np.concatenate(mses)
