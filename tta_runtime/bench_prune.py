@@ -76,8 +76,8 @@ def _digits_model(model: str) -> tuple[CNNClassifier, Any, Path]:
     backbone, card = load_classifier(folder)
     if card.classifier is None or card.classifier.norm != "batch":
         raise ConfigError(
-            f"pruning needs a CNN classifier with BatchNorm (the gather path folds it); {card.name!r} is not one "
-            "(try digits-cnn-bn)"
+            f"prune train / bench prune need a CNN classifier with BatchNorm (the gather path folds it); {card.name!r} "
+            "is not one (try digits-cnn-bn; the slot segmenter's encoder is pruned by scripts/ftwt_segmenter.py)"
         )
     return backbone, card, folder
 
