@@ -26,14 +26,11 @@ bit-for-bit repeatable.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import platform
 import re
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,9 +49,9 @@ from .classifier import (
     rotate_quarters,
     set_norm_mode,
 )
-from .config import ClassifierConfig, ModelCard, Preprocessing, WeightsSpec, validate
+from .config import ClassifierConfig, ModelCard, Preprocessing, WeightsSpec
 from .digits import BENCHMARK_CORRUPTIONS, CORRUPTION_NAMES, LABELS, corrupt, load_digits
-from .errors import ConfigError, TTARuntimeError
+from .errors import ConfigError
 from .hub import sha256_file
 
 log = logging.getLogger(__name__)
@@ -345,53 +342,7 @@ def _hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tta_runtime.train_classifier --norm batch|group --out DIR [--epochs N] [--seed S]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m tta_runtime.train_classifier", description=__doc__.splitlines()[0])
-    p.add_argument("--norm", choices=("batch", "group", "layer"), default="batch")
-    p.add_argument("--out", required=True, help="model folder to write; its name is the model's name")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument(
-        "--widths", default=",".join(map(str, DEFAULT_CONFIG.widths)), help="channels per stage, e.g. 16,32,64"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        widths = tuple(int(w) for w in args.widths.split(","))
-    except ValueError:
-        p.error(f"--widths must be comma-separated ints, got {args.widths!r}")
-    try:
-        fields = {**DEFAULT_CONFIG.model_dump(), "norm": args.norm, "widths": widths}
-        out = train_classifier(
-            validate(ClassifierConfig, fields, "--norm/--widths"),
-            epochs=args.epochs,
-            batch=args.batch,
-            lr=args.lr,
-            seed=args.seed,
-            out=Path(args.out),
-            command="python -m tta_runtime.train_classifier " + shlex.join(argv),
-            progress=not args.no_progress,
-        )
-    except TTARuntimeError as e:  # our errors say what to do: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    card = json.loads((out / "card.json").read_text())
-    clean, shifted = card["metrics"]["clean"], card["metrics"]["corruption_error_severity5"]
-    print(
-        f"wrote {out}: clean test accuracy {clean['test_accuracy']:.4f}, mean severity-5 error "
-        f"{shifted['mean_benchmark']:.4f} (15 benchmark corruptions), {card['training']['seconds']:.0f} s training "
-        f"({card['training']['cpu_seconds']:.0f} s CPU)"
-    )
-    return 0
+if __name__ == "__main__":  # `python -m tta_runtime.train_classifier ...`, the command the digits cards record
+    from .cli_train_classifier import main
 
-
-if __name__ == "__main__":
     raise SystemExit(main())
