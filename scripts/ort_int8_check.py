@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from tta_runtime import Runtime
+from tta_runtime.pruning import interleaved_latency
 
 
 def main(calls: int = 40) -> dict:
@@ -48,16 +47,7 @@ def main(calls: int = 40) -> dict:
 
     fns = {"pytorch": torch_eager, "onnxruntime_fp32": lambda: s32.run(None, {name: x.numpy()}),
            "onnxruntime_int8": lambda: s8.run(None, {name: x.numpy()})}
-    for f in fns.values():
-        for _ in range(5):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(calls):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    med = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+    med = {k: round(v * 1e3, 3) for k, v in interleaved_latency(fns, calls=calls, warmup=5).items()}
     g = torch.Generator().manual_seed(1)
     dev = max(
         float(np.abs(s32.run(None, {name: xi})[0] - s8.run(None, {name: xi})[0]).max())
