@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -271,13 +272,9 @@ class Runtime:
                               "recipe's [execution]")
         x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
         with self._lock:
-            t1 = time.perf_counter()
-            before, oods = self._frozen_path(x)
-            t_fwd = time.perf_counter() - t1
-            reasons = [self._skip_reason(gate, o) for o in oods]
-            chosen = [i for i, r in enumerate(reasons) if r is None]
+            before, oods, t_fwd, reasons, chosen = self._gated_frozen_path(x, gate)
             reports: list[AdaptationReport | None] = [None] * len(prepared)
-            fields = ("masks", "reconstruction", "rgb", "logits", "slots", "attention")
+            fields = [f.name for f in dataclasses.fields(SegmenterOutput)]
             merged = {f: getattr(before, f).clone() for f in fields}
             if chosen:
                 batched = BatchedAdapter(
@@ -299,6 +296,17 @@ class Runtime:
             results.append(res)
         return results
 
+    def _gated_frozen_path(
+        self, x: torch.Tensor, gate: str
+    ) -> tuple[Any, list[OODInfo], float, list[str | None], list[int]]:
+        """The frozen forward of a batch (call under the lock): output, OOD info, seconds, and per image why
+        it is not adapted (None = adapt), with the indices that are."""
+        t1 = time.perf_counter()
+        before, oods = self._frozen_path(x)
+        t_fwd = time.perf_counter() - t1
+        reasons = [self._skip_reason(gate, o) for o in oods]
+        return before, oods, t_fwd, reasons, [i for i, r in enumerate(reasons) if r is None]
+
     def _adapt_classifier(
         self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
         t_prep: float,
@@ -306,11 +314,7 @@ class Runtime:
         """One adaptation on the batch's images that pass the gate; the others keep the frozen prediction."""
         x = torch.cat([p.tensor for p in prepared]).to(self.device)
         with self._lock:
-            t1 = time.perf_counter()
-            before, oods = self._frozen_path(x)
-            t_fwd = time.perf_counter() - t1
-            reasons = [self._skip_reason(gate, o) for o in oods]
-            chosen = [i for i, r in enumerate(reasons) if r is None]
+            before, oods, t_fwd, reasons, chosen = self._gated_frozen_path(x, gate)
             logits = before.logits.clone()
             if chosen:
                 with self._fixed_masks(x[chosen]):
@@ -558,7 +562,7 @@ class Runtime:
 
 def _slice_output(out: SegmenterOutput, i: int) -> SegmenterOutput:
     """Image `i` of a batched segmenter output, as a batch of one."""
-    return SegmenterOutput(*(getattr(out, f)[i : i + 1] for f in ("masks", "reconstruction", "rgb", "logits", "slots", "attention")))
+    return SegmenterOutput(**{f.name: getattr(out, f.name)[i : i + 1] for f in dataclasses.fields(SegmenterOutput)})
 
 
 def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
