@@ -23,7 +23,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="a tta-runtime train checkpoint (ckpt.pt)")
     p.add_argument("out", type=Path, help="model folder to write")
-    p.add_argument("--mask-source", choices=("decoder", "attention"), default="decoder")
+    p.add_argument("--mask-source", choices=("decoder", "attention", "product"), default="decoder")
+    p.add_argument("--attention-power", type=float, default=1.0, help="with --mask-source product [1]")
     args = p.parse_args()
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     cfg = TrainConfig.model_validate_json(ckpt["config"])
@@ -33,6 +34,7 @@ def main() -> None:
                              run_dir=args.checkpoint.parent)
     card = json.loads((out / "card.json").read_text())
     card["name"], card["segmenter"]["mask_source"] = out.name, args.mask_source
+    card["segmenter"]["attention_power"] = args.attention_power
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {out} (step {ckpt['step']}, mask_source {args.mask_source})")
 

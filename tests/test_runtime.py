@@ -450,3 +450,39 @@ def test_mask_source_attention_makes_the_attention_maps_the_segmentation(tiny_mo
     x = images_to_tensor(image[None]).numpy()
     onnx_masks = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))["masks"]
     np.testing.assert_allclose(onnx_masks[0], res.masks, atol=1e-4)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_mask_source_product_is_the_renormalised_product_of_decoder_and_attention(tiny_model_dir, tmp_path, power) -> None:
+    """mask_source='product': per pixel, decoder mask x attention map ** attention_power renormalised over
+    the slots, the same in Result.masks and in the exported graph."""
+    import shutil
+
+    import torch
+
+    from tta_runtime.segmenter import images_to_tensor
+
+    folder = tmp_path / "tiny-product"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["segmenter"]["mask_source"] = "product"
+    card["segmenter"]["attention_power"] = power
+    (folder / "card.json").write_text(json.dumps(card))
+    rt = tta_runtime.Runtime.from_pretrained(folder)
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    res = rt.predict(image)
+    with torch.no_grad():
+        out = rt.model(images_to_tensor(image[None]))
+    s = rt.input_size
+    dec = out.masks[0].reshape(-1, s, s).double().numpy()
+    att = out.attention[0].reshape(-1, s, s).double().numpy()
+    expected = dec * att**power / (dec * att**power).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(res.masks, expected, atol=1e-5)
+    np.testing.assert_allclose(res.masks.sum(axis=0), 1.0, atol=1e-5)
+    exported = rt.export(tmp_path / "product.onnx", part="predictor")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
+    x = images_to_tensor(image[None]).numpy()
+    onnx_masks = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))["masks"]
+    np.testing.assert_allclose(onnx_masks[0], res.masks, atol=1e-4)

@@ -34,10 +34,15 @@ class SegmenterConfig(_Frozen):
     decoder_fourier_bands: int = Field(
         0, ge=0, le=12, description="sin/cos encodings of the pixel coordinates at 1, 2, 4, ... cycles [0: raw coordinates]"
     )
-    mask_source: Literal["decoder", "attention"] = Field(
+    mask_source: Literal["decoder", "attention", "product"] = Field(
         "decoder", description="which masks are the segmentation output: the decoder's alpha masks (the paper's, "
-        "[decoder]) or the last slot-attention maps over the encoder positions (one per pixel at stride 1). The "
-        "reconstruction, its loss and the OOD mask entropy always use the decoder's",
+        "[decoder]), the last slot-attention maps over the encoder positions (one per pixel at stride 1), or "
+        "their product renormalised over the slots (a pixel goes to the slot both agree on; see "
+        "attention_power). The reconstruction, its loss and the OOD mask entropy always use the decoder's",
+    )
+    attention_power: float = Field(
+        1.0, ge=0, le=4, description="with mask_source='product': masks = decoder x attention ** this, "
+        "renormalised over the slots (0 = the decoder's masks, 1 = the plain product) [1]",
     )
 
     @field_validator("encoder_kernel")

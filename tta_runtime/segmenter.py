@@ -171,9 +171,14 @@ class SlotSegmenter(nn.Module):
 
 def segmentation_masks(cfg: SegmenterConfig, out: SegmenterOutput) -> torch.Tensor:
     """The masks that are the model's segmentation, (B, K, S*S) summing to 1 over K: ``out.masks`` (decoder)
-    or ``out.attention`` (slot attention over the stride-1 encoder positions), by ``cfg.mask_source``."""
+    or ``out.attention`` (slot attention over the stride-1 encoder positions), or the product
+    ``masks * attention ** cfg.attention_power`` renormalised over K, by ``cfg.mask_source``."""
     if cfg.mask_source == "attention":
         return out.attention
+    if cfg.mask_source == "product":
+        attn = out.attention if cfg.attention_power == 1 else out.attention.clamp_min(1e-12) ** cfg.attention_power
+        joint = out.masks * attn
+        return joint / joint.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return out.masks
 
 
