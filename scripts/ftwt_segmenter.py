@@ -40,7 +40,7 @@ from tta_runtime.pruning import save_pruned
 from tta_runtime.pruning_segmenter import PrunedSegmenter, encoder_widths, model_macs, train_ftwt_segmenter
 from tta_runtime.runtime import Runtime
 from tta_runtime.scenes import OOD_SPLITS, SPLITS, TEST_SEED, TRAIN_SEED, VAL_SEED, generate_scenes
-from tta_runtime.segmenter import SlotSegmenter, images_to_tensor
+from tta_runtime.segmenter import SlotSegmenter, images_to_tensor, segmentation_masks
 from tta_runtime.visual import line_plot, panel, save_png
 
 MODEL = "slot-shapes-32"
@@ -60,7 +60,7 @@ def forward_eval(model: SlotSegmenter, data: dict[str, tuple[np.ndarray, np.ndar
         scores, fracs, kept = [], [], []
         for i in range(0, len(images), 32):
             res = model(images_to_tensor(images[i : i + 32]))
-            seg = res.masks.argmax(1).reshape(-1, s, s).numpy()
+            seg = segmentation_masks(model.cfg, res).argmax(1).reshape(-1, s, s).numpy()  # the card's mask source
             scores += [fg_ari(inst[i + j], seg[j]) for j in range(len(seg))]
             if isinstance(model, PrunedSegmenter):
                 fracs.append(model.macs_fraction())
@@ -92,7 +92,7 @@ def adapt_eval(model: SlotSegmenter, data: dict[str, tuple[np.ndarray, np.ndarra
                     final, _ = adapter.run(x)
             else:
                 final, _ = adapter.run(x)
-            seg = final.masks[0].argmax(0).reshape(x.shape[-2:]).numpy()
+            seg = segmentation_masks(model.cfg, final)[0].argmax(0).reshape(x.shape[-2:]).numpy()
             scores.append(fg_ari(inst[i], seg))
         out[split] = {"fg_ari": round(float(np.mean(scores)), 6), "per_image": [round(x, 6) for x in scores]}
     out["ood_mean_fg_ari"] = round(float(np.mean([out[s]["fg_ari"] for s in OOD_SPLITS])), 6)
@@ -145,7 +145,11 @@ def main() -> int:
 
     models: dict[str, SlotSegmenter] = {"shipped": shipped}
     training: dict[str, Any] = {}
-    train_kw = dict(steps=args.steps, batch=args.batch, lr=args.lr, lr_predictor=args.lr_predictor, seed=TRAIN_SEED)
+    # The fine-tuning loss is the one the shipped model's training ended with: its final mask weight, and the
+    # matched loss on the slot-attention maps when it had one.
+    trained = json.loads((find_model(MODEL) / "card.json").read_text())["training"]["config"]
+    train_kw = dict(steps=args.steps, batch=args.batch, lr=args.lr, lr_predictor=args.lr_predictor, seed=TRAIN_SEED,
+                    mask_weight=trained["mask_weight_final"], attn_weight=trained.get("attn_weight", 0.0))
     runs = [(f"r{r:g}", r, False) for r in args.rs] + ([] if args.no_control else [("control", 1.0, True)])
     for name, r, dense in runs:
         model, tlog = train_ftwt_segmenter(shipped, r=r, dense=dense, **train_kw)  # type: ignore[arg-type]

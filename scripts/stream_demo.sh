@@ -3,6 +3,7 @@
 #
 #   scripts/stream_demo.sh          # all four steps below (about 70 minutes on one shared core)
 #   STREAM_REUSE_TUNE=1 scripts/stream_demo.sh      # step 1 from the tuning runs already in out/stream
+#   STREAM_SKIP_MEMORY=1 scripts/stream_demo.sh     # steps 1-3 only
 #   STREAM_SKIP_TUNE=1 STREAM_ADAPT=always STREAM_RECIPE=slot_tta_stream STREAM_STEPS=5 scripts/stream_demo.sh
 #                                   # impose a choice, skip step 1
 #
@@ -115,6 +116,8 @@ for k, v in rows.items():
           f"({v['margin_after_shift']:+.3f})")
 PY
 
-# 4. Memory over a long stream --------------------------------------------------------------------
-echo "== memory: 5000 frames"
-"${pin[@]}" $tr bench stream --frames 5000 --json $docs/stream_memory.json 2>>"$work/stderr.log"
+# 4. Memory over a long stream (STREAM_SKIP_MEMORY=1 skips it) -------------------------------------
+if [ -z "${STREAM_SKIP_MEMORY:-}" ]; then
+  echo "== memory: 5000 frames"
+  "${pin[@]}" $tr bench stream --frames 5000 --json $docs/stream_memory.json 2>>"$work/stderr.log"
+fi

@@ -68,9 +68,10 @@ def state() -> StateTools:
 
 @pytest.fixture(scope="session")
 def runtime() -> tta_runtime.Runtime:
-    """The default shipped model, episodic. Shared by the session: tests must leave its weights as loaded
-    (they compare against `source_state`); tests that adapt continually build their own runtime."""
-    return tta_runtime.Runtime.from_pretrained()
+    """The default shipped model with the faithful recipe (`slot_tta`, whatever the card's default), episodic.
+    Shared by the session: tests must leave its weights as loaded (they compare against `source_state`);
+    tests that adapt continually build their own runtime."""
+    return tta_runtime.Runtime.from_pretrained(recipe="slot_tta")
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +82,8 @@ def source_state(runtime: tta_runtime.Runtime) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def fresh_runtime() -> tta_runtime.Runtime:
-    """A runtime of the default model of its own, for tests that change weights (continual mode)."""
-    return tta_runtime.Runtime.from_pretrained()
+    """A runtime of the default model of its own (faithful recipe), for tests that change weights (continual mode)."""
+    return tta_runtime.Runtime.from_pretrained(recipe="slot_tta")
 
 
 # ----------------------------------------------------------------------------------------------------

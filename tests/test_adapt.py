@@ -143,7 +143,7 @@ def test_eight_threads_on_one_runtime_match_sequential_calls(runtime, source_sta
 
 
 def test_continual_runtime_keeps_and_continues_adapting_until_reset(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
 
     first = rt.adapt_and_predict(ood_image, steps=2)
@@ -161,7 +161,7 @@ def test_continual_runtime_keeps_and_continues_adapting_until_reset(state, ood_i
 
 def test_continual_calls_carry_the_optimizer_like_one_long_call(runtime, state, ood_image):
     long = runtime.adapt_and_predict(ood_image, steps=4)  # episodic, on the shared runtime
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     first = rt.adapt_and_predict(ood_image, steps=2)
     second = rt.adapt_and_predict(ood_image, steps=2)
     # Same weights and same Adam moments: two calls of 2 steps are one call of 4 steps.
@@ -179,7 +179,7 @@ def test_continual_per_call_override_keeps_weights(fresh_runtime, state, ood_ima
 
 
 def test_continual_runtime_stays_continual_when_a_call_switches_recipe(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     res = rt.adapt_and_predict(ood_image, recipe="entropy", steps=2)
     assert res.adaptation.mode == "continual"
@@ -246,7 +246,7 @@ def test_nan_gradient_rolls_back_to_the_source_weights(runtime, source_state, st
 
 
 def test_nan_gradient_in_continual_mode_keeps_the_source_weights(state, ood_image, nan_gradient_method):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     res = rt.adapt_and_predict(ood_image, method=nan_gradient_method, steps=3)
     assert res.adaptation.rolled_back
@@ -277,7 +277,7 @@ SELECTIONS = {
 
 @pytest.mark.parametrize("params", list(SELECTIONS))
 def test_only_selected_parameters_change(state, ood_image, params):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     model = rt.model
     selected = {n for n, _ in model.named_parameters() if SELECTIONS[params](n, model)}
     source = state.snapshot(model)
@@ -292,7 +292,7 @@ def test_only_selected_parameters_change(state, ood_image, params):
 
 
 def test_no_encoder_keeps_every_encoder_weight_and_moves_the_rest(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     rt.adapt_and_predict(ood_image, steps=2, params="no_encoder")
     changed = state.changed(rt.model, source)

@@ -34,6 +34,7 @@ from tta_runtime.export import (  # noqa: E402 - after the importorskips
 )
 from tta_runtime.cli_export import add_cli  # noqa: E402
 from tta_runtime.hub import sha256_file  # noqa: E402
+from tta_runtime.segmenter import segmentation_masks  # noqa: E402
 
 S = 32  # the shipped model's input size
 
@@ -51,7 +52,7 @@ def _torch_predictor(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.nd
     b, k, _ = out.masks.shape
     s = model.cfg.resolution
     return {
-        "masks": out.masks.reshape(b, k, s, s).numpy(),
+        "masks": segmentation_masks(model.cfg, out).reshape(b, k, s, s).numpy(),  # the card's mask source
         "reconstruction": out.reconstruction.transpose(1, 2).reshape(b, 3, s, s).numpy(),
         "slots": out.slots.numpy(),
     }
@@ -178,7 +179,7 @@ def test_export_leaves_the_model_untouched(runtime, source_state, state, tmp_pat
 
 
 def test_written_weights_reproduce_the_adapted_model(tmp_path, ood_image) -> None:
-    rt = tta_runtime.Runtime.from_pretrained(steps=5, mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", steps=5, mode="continual")
     path = tmp_path / "seg.onnx"
     res = export(rt.model, rt.card, "onnx", path, part="predictor", dynamic={"batch": (1, 4)})
     graph_before = [(n.op_type, list(n.input), list(n.output)) for n in onnx.load(str(path)).graph.node]

@@ -222,7 +222,7 @@ def test_train_ftwt_segmenter_runs_and_leaves_the_base_untouched() -> None:
     torch.manual_seed(0)
     base = SlotSegmenter(CFG)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    pruned, tlog = train_ftwt_segmenter(base, r=0.6, steps=4, batch=2, lr_predictor=0.5, log_every=2)
+    pruned, tlog = train_ftwt_segmenter(base, r=0.6, steps=4, batch=2, lr_predictor=0.5, log_every=2, attn_weight=1.0)
     assert not pruned.training
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert [line["step"] for line in tlog.lines] == [2, 4]
@@ -230,7 +230,7 @@ def test_train_ftwt_segmenter_runs_and_leaves_the_base_untouched() -> None:
     moved = [k for k, v in pruned.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
     assert any(float(p.fc.bias.detach().mean()) < 3.0 for p in pruned.predictors)  # predictors trained in the first half
-    control, _ = train_ftwt_segmenter(base, r=0.6, steps=2, batch=2, dense=True)
+    control, _ = train_ftwt_segmenter(base, r=0.6, steps=2, batch=2, dense=True, attn_weight=1.0)
     assert all(float(p.fc.bias.detach().mean()) == 3.0 for p in control.predictors)
     with pytest.raises(ConfigError):
         train_ftwt_segmenter(base, r=0.6, steps=0)

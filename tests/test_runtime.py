@@ -346,7 +346,8 @@ def test_shipped_recipes_are_listed_and_load(runtime):
     # The fast preset freezes the encoder, decodes a subset of pixels and takes fewer steps than the paper's.
     assert fast.name == "slot_tta_fast" and fast.params == "no_encoder" and fast.pixel_fraction < 1
     assert fast.steps < faithful.steps == 150
-    assert runtime.recipe.name == runtime.card.default_recipe == "slot_tta"
+    assert runtime.recipe.name == "slot_tta"  # the fixture's; the card's default is the one a plain load gets
+    assert tta_runtime.Runtime.from_pretrained().recipe.name == runtime.card.default_recipe == "slot_tta_fast"
 
 
 def test_load_overrides_become_the_runtimes_recipe(ood_image):

@@ -484,7 +484,8 @@ class OrtFrozenPath:
 
     def __call__(self, x: torch.Tensor) -> tuple[SegmenterOutput, list[tuple[float, str, bool | None, float]]]:
         """x (B, 3, S, S) float in [0, 1] -> (SegmenterOutput with masks (B, K, S*S), reconstruction
-        (B, S*S, 3), slots; rgb / logits / attention empty), [(ood_score, scorer, is_ood, recon_mse)] per image."""
+        (B, S*S, 3), slots; rgb / logits / attention empty), [(ood_score, scorer, is_ood, recon_mse)] per image.
+        The graph's masks already follow the card's mask source (``segmentation_masks`` returns them as they are)."""
         from .segmenter import SegmenterOutput
 
         self.sync()

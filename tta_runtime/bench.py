@@ -39,12 +39,15 @@ def mixed_stream(n_images: int, shifts: Sequence[str], *, seed: int, size: int) 
 
 def bench_gate(
     model: str | None = None, *, n_images: int = 8, shifts: Sequence[str] = ("textured_background", "unseen_colours"),
-    recipe: str = "slot_tta", steps: int | None = None, seed: int = TEST_SEED, progress: bool = False,
+    recipe: str | None = None, steps: int | None = None, seed: int = TEST_SEED, progress: bool = False,
 ) -> dict[str, Any]:
-    """Always-adapt vs `adapt="when_ood"` on one mixed stream; needs a calibrated model (`ood fit`)."""
-    extra = {} if steps is None else {"steps": steps}
-    always = Runtime.from_pretrained(model, recipe=recipe, **extra)
-    gated = Runtime.from_pretrained(model, recipe=recipe, adapt="when_ood", **extra)
+    """Always-adapt vs `adapt="when_ood"` on one mixed stream; needs a calibrated model (`ood fit`).
+    `recipe`: default the model card's default_recipe."""
+    extra: dict[str, Any] = {} if steps is None else {"steps": steps}
+    if recipe is not None:
+        extra["recipe"] = recipe
+    always = Runtime.from_pretrained(model, **extra)
+    gated = Runtime.from_pretrained(model, adapt="when_ood", **extra)
     stream = mixed_stream(n_images, shifts, seed=seed, size=always.input_size)
     rows = []
     with _one_thread():  # like `eval`: numbers independent of the machine's core count

@@ -156,7 +156,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     report = evaluate(
         rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
-        recipe=args.recipe, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps, progress=True,
+        recipe=args.recipe or rt.recipe.name, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps,
+        progress=True,
         feedforward=feedforward, jobs=args.jobs,
     )
     report["command"] = "tta-runtime " + shlex.join(args.argv)
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", default=None, help="comma-separated (default: all)")
     e.add_argument("--n-images", type=int, default=24)
     e.add_argument("--seed", type=int, default=None, help="test-scene seed (default 2026)")
-    e.add_argument("--recipe", default="slot_tta")
+    e.add_argument("--recipe", default=None, help="the adaptation recipe (default: the model card's default_recipe)")
     e.add_argument("--baseline", default="entropy", help="baseline recipe, or 'none'")
     e.add_argument("--steps", type=int, default=None, help="override both recipes' step count")
     e.add_argument(
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--model", default=None)
     bg.add_argument("--n-images", type=int, default=8, help="in-distribution images (as many shifted ones)")
     bg.add_argument("--shifts", default="textured_background,unseen_colours")
-    bg.add_argument("--recipe", default="slot_tta")
+    bg.add_argument("--recipe", default=None, help="the adaptation recipe (default: the model card's default_recipe)")
     bg.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     bg.add_argument("--json", default=None)
     bg.set_defaults(func=_cmd_bench_gate)

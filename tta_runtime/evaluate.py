@@ -147,17 +147,17 @@ def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(
     runtime: Runtime, *, splits: Sequence[str] = ("in_dist", *OOD_SPLITS), n_images: int = 24, seed: int = TEST_SEED,
-    recipe: str = "slot_tta", baseline: str | None = "entropy", steps: int | None = None, progress: bool = False,
+    recipe: str | None = None, baseline: str | None = "entropy", steps: int | None = None, progress: bool = False,
     feedforward: str | Path | None = None, jobs: int = 1,
 ) -> dict[str, Any]:
     """The evaluation JSON (see the module docstring).
 
     `feedforward`: folder of a feed-forward baseline to score on the same images. `jobs` > 1 evaluates
     splits in that many worker processes (one thread each, like the in-process path, so the numbers are
-    identical for any `jobs`).
+    identical for any `jobs`). `recipe`: default the runtime's (the model card's default_recipe).
     """
     extra = {} if steps is None else {"steps": steps}
-    adapt = load_recipe(recipe, **extra)
+    adapt = load_recipe(recipe or runtime.recipe.name, **extra)
     base = load_recipe(baseline, **extra) if baseline else None
     t0 = time.perf_counter()
     if jobs > 1:

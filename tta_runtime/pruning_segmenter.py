@@ -258,6 +258,7 @@ def train_ftwt_segmenter(
     lr_final_fraction: float = 0.1,
     lr_predictor: float = 1e-2,
     mask_weight: float = 0.1,
+    attn_weight: float = 0.0,
     pixel_fraction: float = 0.25,
     grad_clip: float = 1.0,
     predictor_steps: int | None = None,
@@ -269,7 +270,9 @@ def train_ftwt_segmenter(
     """Decoupled FTWT fine-tuning of a copy of ``model`` (left untouched).
 
     Loss = reconstruction MSE + ``mask_weight`` x Hungarian-matched mask BCE (``tta_runtime.train``'s loss;
-    0.1 is where the shipped model's mask weight ended) on the masked model, + w x sum over pruned units of
+    0.1 is where the first shipped model's mask weight ended) on the masked model, + ``attn_weight`` x
+    ``mask_weight`` x the same matched BCE on the slot-attention maps (all pixels; as ``TrainConfig.attn_weight``),
+    + w x sum over pruned units of
     BCE(predictor logits, ``ftwt_targets`` at r), w = 1 for the first ``predictor_steps`` (default half of
     ``steps``), then 0. Predictor inputs are detached and applied masks carry no gradient, so neither loss
     reaches the other's parameters. Data: fresh ``in_dist`` scenes of the training stream ``seed`` from index
@@ -284,7 +287,7 @@ def train_ftwt_segmenter(
     if not 0.0 < pixel_fraction <= 1.0:
         raise ConfigError(f"pixel_fraction must be in (0, 1]; got {pixel_fraction!r}")
     ps = max(1, steps // 2) if predictor_steps is None else int(predictor_steps)
-    from .train import matched_mask_loss
+    from .train import matched_bce, matched_mask_loss
 
     pruned = PrunedSegmenter.from_segmenter(model, seed=seed)
     backbone = [p for n, p in pruned.named_parameters() if not n.startswith("predictors.")]
@@ -295,7 +298,7 @@ def train_ftwt_segmenter(
     gen = torch.Generator().manual_seed(seed * 1_000_003 + data_start)
     config = {
         "r": r, "steps": steps, "batch": batch, "lr": lr, "lr_final_fraction": lr_final_fraction,
-        "lr_predictor": lr_predictor, "mask_weight": mask_weight, "pixel_fraction": pixel_fraction,
+        "lr_predictor": lr_predictor, "mask_weight": mask_weight, "attn_weight": attn_weight, "pixel_fraction": pixel_fraction,
         "grad_clip": grad_clip, "predictor_steps": ps, "seed": seed, "data_start": data_start, "dense": dense,
         "data": f"tta_runtime.scenes 'in_dist', seed {seed}, indices {data_start} + step*{batch} ..",
     }
@@ -333,6 +336,8 @@ def train_ftwt_segmenter(
                     torch.zeros(()),
                 ) / max(1, len(units))
             loss = rec + mask_weight * mask + w * bce
+            if attn_weight > 0:
+                loss = loss + attn_weight * mask_weight * matched_bce(out.attention, torch.from_numpy(inst.reshape(batch, -1)))
             opt_b.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             loss.backward()

@@ -172,7 +172,12 @@ class SlotSegmenter(nn.Module):
 def segmentation_masks(cfg: SegmenterConfig, out: SegmenterOutput) -> torch.Tensor:
     """The masks that are the model's segmentation, (B, K, S*S) summing to 1 over K: ``out.masks`` (decoder)
     or ``out.attention`` (slot attention over the stride-1 encoder positions), or the product
-    ``masks * attention ** cfg.attention_power`` renormalised over K, by ``cfg.mask_source``."""
+    ``masks * attention ** cfg.attention_power`` renormalised over K, by ``cfg.mask_source``.
+
+    An output with no attention maps (``attention.numel() == 0``: the ONNX frozen path, whose ``masks``
+    output already applies the card's mask source) is returned as it is."""
+    if out.attention.numel() == 0:
+        return out.masks
     if cfg.mask_source == "attention":
         return out.attention
     if cfg.mask_source == "product":
