@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything after training that the shipped default model carries, in order (about 20 minutes on 2 cores):
 # OOD calibration, the evaluation JSON, the OOD evaluation, the gating benchmark and the README picture.
+# Before it: scripts/ship_default_model.py (the folder from the last training stage). Not in it: the pruned
+# variant prune/r0.8 (OMP_NUM_THREADS=1 .venv/bin/python scripts/ftwt_segmenter.py --rs 0.8, about 10 minutes)
+# and the streaming figures (STREAM_SKIP_MEMORY=1 scripts/stream_demo.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

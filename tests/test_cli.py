@@ -190,7 +190,8 @@ def eval_json(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def test_eval_json_has_every_variant_and_gain_intervals(eval_json: pathlib.Path):
     report = json.loads(eval_json.read_text())
     assert report["model"] == DEFAULT_MODEL
-    assert report["recipe"]["name"] == "slot_tta" and report["recipe"]["steps"] == 2
+    # no --recipe: the model card's default recipe
+    assert report["recipe"]["name"] == load_card(find_model(None)).default_recipe and report["recipe"]["steps"] == 2
     assert report["baseline"]["name"] == "entropy" and report["baseline"]["steps"] == 2
     assert list(report["splits"]) == ["in_dist", "textured_background"]
     for split in report["splits"].values():
