@@ -14,7 +14,8 @@
 #    streamed with the chosen setting and with predict-only (adapt=never) -> docs/stream/stream_stats.json
 #    (both FG-ARIs, the margin, the annotated video's frame count and size), docs/stream/stream_frame.png.
 # 3. The same setting on the seed-2 video with the other shifts -> docs/stream/stream_kinds.json.
-# 4. Memory over 5,000 frames -> docs/stream/stream_memory.json.
+# 4. Memory over 5,000 frames -> docs/stream/stream_memory.json, and the same stream predict-only (FG-ARI to
+#    compare) -> docs/stream/stream_memory_predict_only.json.
 #
 # Everything runs pinned to core ${STREAM_CORE:-1} with one thread: core 0 may be training.
 set -euo pipefail
@@ -120,4 +121,6 @@ PY
 if [ -z "${STREAM_SKIP_MEMORY:-}" ]; then
   echo "== memory: 5000 frames"
   "${pin[@]}" $tr bench stream --frames 5000 --json $docs/stream_memory.json 2>>"$work/stderr.log"
+  echo "== the same stream, predict-only (0 steps per frame)"
+  "${pin[@]}" $tr bench stream --frames 5000 --steps-per-frame 0 --json $docs/stream_memory_predict_only.json 2>>"$work/stderr.log"
 fi
