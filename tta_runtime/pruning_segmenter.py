@@ -287,7 +287,7 @@ def train_ftwt_segmenter(
     if not 0.0 < pixel_fraction <= 1.0:
         raise ConfigError(f"pixel_fraction must be in (0, 1]; got {pixel_fraction!r}")
     ps = max(1, steps // 2) if predictor_steps is None else int(predictor_steps)
-    from .train import matched_bce, matched_mask_loss
+    from .train import matched_attention_loss, matched_mask_loss
 
     pruned = PrunedSegmenter.from_segmenter(model, seed=seed)
     backbone = [p for n, p in pruned.named_parameters() if not n.startswith("predictors.")]
@@ -337,7 +337,7 @@ def train_ftwt_segmenter(
                 ) / max(1, len(units))
             loss = rec + mask_weight * mask + w * bce
             if attn_weight > 0:
-                loss = loss + attn_weight * mask_weight * matched_bce(out.attention, torch.from_numpy(inst.reshape(batch, -1)))
+                loss = loss + attn_weight * mask_weight * matched_attention_loss(out, inst)
             opt_b.zero_grad(set_to_none=True)
             opt_p.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,6 +79,11 @@ def matched_mask_loss(out: SegmenterOutput, instances: torch.Tensor) -> torch.Te
     return matched_bce(out.masks, instances)
 
 
+def matched_attention_loss(out: SegmenterOutput, instances: np.ndarray) -> torch.Tensor:
+    """The matched mask loss on the slot-attention maps (every pixel): `instances` (B, S, S) ids."""
+    return matched_bce(out.attention, torch.from_numpy(instances.reshape(len(instances), -1)))
+
+
 def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     """Class-balanced BCE between soft masks (B, K, P) and instance ids (B, P), matched by the Hungarian
     algorithm on L2 distance; ground truth is padded with empty masks so every slot gets a target."""
@@ -191,7 +196,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: in
         loss = rec + mw * mask
         if cfg.attn_weight > 0:
             # Supervise the binding itself: the attention maps (all pixels) get the same matched loss.
-            loss = loss + cfg.attn_weight * mw * matched_bce(out.attention, torch.from_numpy(inst.reshape(cfg.batch, -1)))
+            loss = loss + cfg.attn_weight * mw * matched_attention_loss(out, inst)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
