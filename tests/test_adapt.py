@@ -186,6 +186,54 @@ def test_continual_runtime_stays_continual_when_a_call_switches_recipe(state, oo
     assert state.changed(rt.model, source)
 
 
+def _adapted_elements(model: torch.nn.Module, spec: str) -> dict[str, torch.Tensor]:
+    from tta_runtime.adapt import select_parameters
+
+    return {n: p.detach().clone() for n, p in select_parameters(model, spec).items()}
+
+
+def test_stochastic_restore_of_one_returns_every_weight_to_the_loaded_model(state, ood_image):
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    source = state.snapshot(rt.model)
+    res = rt.adapt_and_predict(ood_image, steps=3, restore_prob=1.0)
+    assert res.adaptation.steps_run == 3
+    state.assert_bit_exact(rt.model, source)
+    # every update started again from the loaded weights: the same loss each step
+    assert res.adaptation.losses == pytest.approx([res.adaptation.losses[0]] * 3, rel=1e-6)
+
+
+def test_stochastic_restore_resets_about_that_share_of_the_adapted_elements(ood_image):
+    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    loaded = _adapted_elements(rt.model, "all")
+    rt.adapt_and_predict(ood_image, steps=1, restore_prob=0.3)
+    after = _adapted_elements(rt.model, "all")
+    same = sum(int((after[n] == loaded[n]).sum()) for n in loaded)
+    total = sum(t.numel() for t in loaded.values())
+    moved_without_restore = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    moved_without_restore.adapt_and_predict(ood_image, steps=1)
+    free = _adapted_elements(moved_without_restore.model, "all")
+    unchanged_anyway = sum(int((free[n] == loaded[n]).sum()) for n in loaded) / total
+    # restored elements are the loaded ones; the rest moved as without restore
+    expected = 0.3 + 0.7 * unchanged_anyway
+    assert abs(same / total - expected) < 0.01, (same / total, expected)
+
+
+def test_stochastic_restore_masks_continue_across_continual_calls(ood_image):
+    """Two calls of 2 steps equal one call of 4: the restore masks are not redrawn from the seed per call."""
+    one = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    one.adapt_and_predict(ood_image, steps=4, restore_prob=0.2)
+    two = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    two.adapt_and_predict(ood_image, steps=2, restore_prob=0.2)
+    two.adapt_and_predict(ood_image, steps=2, restore_prob=0.2)
+    a, b = _adapted_elements(one.model, "all"), _adapted_elements(two.model, "all")
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_stochastic_restore_out_of_range_is_a_config_error(runtime, ood_image):
+    with pytest.raises(tta_runtime.ConfigError, match="restore_prob"):
+        runtime.adapt_and_predict(ood_image, steps=1, restore_prob=1.5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rollback on non-finite loss, gradient or weights
 

@@ -58,13 +58,16 @@ def model64(runtime):
     return copy.deepcopy(runtime.model).double(), {k: v.double() for k, v in moments.items()}
 
 
+@pytest.mark.parametrize("sync_every", [1, 3])
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_batched_matches_the_one_loop_image_by_image(model64, ood_batch, state, name):
+def test_batched_matches_the_one_loop_image_by_image(model64, ood_batch, state, name, sync_every):
+    """Also when the host reads the guard back only every 3 steps: stops and rollbacks are decided on the device."""
     model, moments = model64
     cfg = load_recipe("slot_tta", **RECIPES[name])
     images = ood_batch.double()
     before = state.snapshot(model)
-    out, reports = BatchedAdapter(model, cfg, training_optimizer_state=moments).run(images)
+    ex = ExecutionOptions(sync_every=sync_every)
+    out, reports = BatchedAdapter(model, cfg, execution=ex, training_optimizer_state=moments).run(images)
     state.assert_bit_exact(model, before)  # the batched path never writes the model
     loop = Adapter(model, cfg, training_optimizer_state=moments)
     for i in range(len(images)):
@@ -81,14 +84,14 @@ def test_batched_matches_the_one_loop_image_by_image(model64, ood_batch, state, 
         assert all(r.stopped_early for r in reports)
 
 
-@pytest.mark.parametrize("adam", ["functional", "fused"])
-def test_an_image_that_fails_rolls_back_alone_like_in_the_loop(model64, ood_batch, adam):
+@pytest.mark.parametrize(("adam", "sync_every"), [("functional", 1), ("fused", 1), ("functional", 2), ("fused", 5)])
+def test_an_image_that_fails_rolls_back_alone_like_in_the_loop(model64, ood_batch, adam, sync_every):
     """A NaN pixel makes that image's loss non-finite at step 0: it rolls back, its batch mates go on."""
     model, _ = model64
     cfg = load_recipe("slot_tta", steps=3, lr=1e-3, params="no_encoder")
     images = ood_batch.double().clone()
     images[1, :, 5, 5] = float("nan")
-    out, reports = BatchedAdapter(model, cfg, execution=ExecutionOptions(adam=adam)).run(images)
+    out, reports = BatchedAdapter(model, cfg, execution=ExecutionOptions(adam=adam, sync_every=sync_every)).run(images)
     assert [r.rolled_back for r in reports] == [False, True, False]
     assert reports[1].rollback_reason == "non-finite loss at step 0" and reports[1].steps_run == 0
     loop = Adapter(model, cfg)
@@ -100,10 +103,11 @@ def test_an_image_that_fails_rolls_back_alone_like_in_the_loop(model64, ood_batc
         torch.testing.assert_close(out.masks[i], ref_out.masks[0], atol=TOL64, rtol=1e-9, equal_nan=True)
 
 
-@pytest.mark.parametrize("adam", ["functional", "fused"])
-def test_exploding_lr_rolls_back_to_finite_predictions(runtime, ood_batch, adam):
+@pytest.mark.parametrize(("adam", "sync_every"), [("functional", 1), ("fused", 1), ("fused", 4)])
+def test_exploding_lr_rolls_back_to_finite_predictions(runtime, ood_batch, adam, sync_every):
     cfg = load_recipe("slot_tta", steps=6, lr=10.0)
-    out, reports = BatchedAdapter(runtime.model, cfg, execution=ExecutionOptions(adam=adam)).run(ood_batch)
+    ex = ExecutionOptions(adam=adam, sync_every=sync_every)
+    out, reports = BatchedAdapter(runtime.model, cfg, execution=ex).run(ood_batch)
     assert all(r.rolled_back and "non-finite" in (r.rollback_reason or "") for r in reports)
     assert all(r.steps_run < 6 and np.isfinite(r.final_loss) for r in reports)
     assert torch.isfinite(out.masks).all()
@@ -162,6 +166,7 @@ def test_adam_update_equals_torch_adam():
         (dict(optimizer="sgd"), "per-image Adam"),
         (dict(mode="continual"), "episodic"),
         (dict(method="slot_mask_entropy"), "slot_reconstruction"),
+        (dict(restore_prob=0.01), "restore_prob"),
     ],
 )
 def test_unsupported_recipes_are_refused(runtime, overrides, words):

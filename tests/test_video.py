@@ -221,6 +221,21 @@ def test_continual_adaptation_warm_starts_and_resets_at_the_end(fresh_runtime: t
     state.assert_bit_exact(fresh_runtime.model, loaded)  # and the stream leaves the loaded weights
 
 
+def test_stochastic_restore_bounds_the_streams_drift(fresh_runtime: tta.Runtime, state) -> None:
+    """The stream recipe restores weights (CoTTA) by default; restore_prob=1 undoes every step, 0 none."""
+    loaded = state.snapshot(fresh_runtime.model)
+    frames = frames_of(3, size=32, kind="noise", seed=2)
+    with stream(fresh_runtime, frames, steps_per_frame=2, reset_on_cut=False) as s:
+        list(s)
+    assert s.stats.to_dict()["options"]["restore_prob"] == 0.01  # adapters/slot_tta_stream.toml
+    with stream(fresh_runtime, frames, steps_per_frame=2, reset_on_cut=False, restore_prob=1.0) as s:
+        for _ in s:
+            state.assert_bit_exact(fresh_runtime.model, loaded)  # each step went back to the loaded weights
+    with stream(fresh_runtime, frames, steps_per_frame=2, reset_on_cut=False, restore_prob=0.0) as s:
+        moved = [len(state.changed(fresh_runtime.model, loaded)) for _ in s]
+    assert s.stats.restore_prob == 0.0 and all(m > 0 for m in moved)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Policies
 
@@ -524,6 +539,7 @@ def test_bad_options_are_config_errors(tiny: tta.Runtime) -> None:
         ({"policy": "newest"}, "policy"), ({"stride": 0}, "stride"), ({"adapt": "sometimes"}, "adapt"),
         ({"latency_budget_ms": -1}, "latency_budget_ms"), ({"recipe": "no_such_recipe"}, "recipe"),
         ({"channel_order": "bgra"}, "channel_order"), ({"reset_every": 0}, "reset_every"),
+        ({"restore_prob": 1.5}, "restore_prob"),
     ]:
         with pytest.raises(tta.TTARuntimeError, match=match):
             stream(tiny, frames, **kw)
@@ -557,5 +573,6 @@ def test_cli_bench_stream_reports_rss_growth(tmp_path: pathlib.Path) -> None:
     assert main(["bench", "stream", "--frames", "24", "--warmup", "8", "--size", "32", "--json", str(path)]) == 0
     r = json.loads(path.read_text())
     assert r["frames_processed"] == 24 and r["adapt_steps_total"] == 24 and r["steps_per_frame"] == 1
+    assert r["restore_prob"] == 0.01  # the stream recipe's
     assert r["peak_rss_mb_after_warmup"] >= r["rss_mb_at_warmup"] > 0
     assert r["peak_rss_growth_mb"] == pytest.approx(r["peak_rss_mb_after_warmup"] - r["rss_mb_at_warmup"], abs=0.02)

@@ -134,6 +134,9 @@ class Adapter:
         self.method: Method = self._method(cfg.method)
         self._optimizer: torch.optim.Optimizer | None = None
         self._opt_key: tuple[object, ...] | None = None
+        # Stochastic restore's masks: one generator for the adapter's life (until reset), so that a continual
+        # stream does not draw the same masks on every frame.
+        self._restore_gen: torch.Generator | None = None
 
     def _method(self, name: str) -> Method:
         if name not in self._methods:
@@ -153,6 +156,7 @@ class Adapter:
             for k, t in _state_tensors(self.model).items():
                 t.copy_(self._source[k])
         self._optimizer, self._opt_key = None, None
+        self._restore_gen = None
         self._methods.clear()
         self.method = self._method(self.cfg.method)
 
@@ -257,6 +261,8 @@ class Adapter:
                     self._rollback(params, last_good, report, f"non-finite sharpness-aware loss at step {step}")
                     break
                 opt.step()
+                if cfg.restore_prob > 0:
+                    self._stochastic_restore(chosen, cfg)
                 if not all(torch.isfinite(p).all() for p in params):
                     self._rollback(params, last_good, report, f"non-finite weights after step {step}")
                     break
@@ -303,6 +309,17 @@ class Adapter:
             report.reset = True
         report.timings["total_s"] = time.perf_counter() - t0
         return final, report
+
+    def _stochastic_restore(self, chosen: dict[str, nn.Parameter], cfg: AdaptConfig) -> None:
+        """CoTTA's stochastic restore: W <- M * W_loaded + (1 - M) * W, M ~ Bernoulli(restore_prob) per element.
+        The optimizer's moments are kept, as in CoTTA."""
+        device = next(iter(chosen.values())).device
+        if self._restore_gen is None or self._restore_gen.device != device:
+            self._restore_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        with torch.no_grad():
+            for name, p in chosen.items():
+                mask = torch.rand(p.shape, generator=self._restore_gen, device=device) < cfg.restore_prob
+                p.copy_(torch.where(mask, self._source[name].to(device), p))
 
     def _load_training_moments(self, opt: torch.optim.Optimizer, chosen: dict[str, nn.Parameter]) -> None:
         """Start Adam where training left it (the released Slot-TTA code does this)."""

@@ -142,6 +142,11 @@ class BatchedAdapter:
             raise ConfigError(f"batched adaptation has a per-image Adam only, got optimizer={cfg.optimizer!r}")
         if cfg.mode != "episodic":
             raise ConfigError("batched adaptation is episodic (each image starts from the loaded weights), got mode='continual'")
+        if cfg.restore_prob > 0:
+            raise ConfigError(
+                f"batched adaptation has no stochastic restore (restore_prob={cfg.restore_prob:g}): it guards continual "
+                "streams, and batched adaptation is episodic; set restore_prob = 0 or adapt image by image"
+            )
         if cfg.optimizer_state == "training" and training_optimizer_state is None:
             raise ConfigError(
                 "optimizer_state='training' needs Adam moments saved with the model, and none were given; "
@@ -239,6 +244,31 @@ class BatchedAdapter:
         outputs = SegmenterOutput(*(torch.cat([getattr(o, f) for o, _ in parts]) for f in _OUTPUT_FIELDS))
         return outputs, [r for _, reps in parts for r in reps]
 
+    @staticmethod
+    def _fill_reports(reports: list[AdaptationReport], losses: torch.Tensor, hist: torch.Tensor, budget_stop: int | None) -> None:
+        """Per-image reports from the loop's device-side history, read back once: `losses` (steps, B) and
+        `hist` (4, steps, B): active, loss and gradient finite, new weights finite, stopped early (patience)."""
+        active, ok_pre, ok_new, stopped = hist
+        for i, r in enumerate(reports):
+            for step in range(losses.shape[0]):
+                if not active[step, i]:
+                    break
+                r.losses.append(float(losses[step, i]))
+                if ok_pre[step, i] and ok_new[step, i]:
+                    r.steps_run = step + 1
+                    if stopped[step, i]:
+                        r.stopped_early = True
+                        break
+                    if step == budget_stop:
+                        r.stopped_early = True
+                    continue
+                if not ok_pre[step, i]:
+                    what = "loss" if not math.isfinite(float(losses[step, i])) else "gradient"
+                    r.rolled_back, r.rollback_reason = True, f"non-finite {what} at step {step}"
+                else:
+                    r.rolled_back, r.rollback_reason = True, f"non-finite weights after step {step}"
+                break
+
     def warmup(self, images: torch.Tensor, steps: int = 2) -> None:
         """A short untimed run on `images`: compiles the step (when `compile` is on) and warms the kernels."""
         self._run(images, min(steps, self.cfg.steps))
@@ -283,86 +313,94 @@ class BatchedAdapter:
             r.timings["setup_s"] = time.perf_counter() - t0
 
         t_loop = time.perf_counter()
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same pixel subsets as the one loop
+        # What the host knows in advance goes to the device once: every step's pixel subset (the one loop's:
+        # same generator, same draws) and the lr schedule. The per-image guard and early stop run on the device
+        # (their history is read back at the end), so the host waits for the GPU only every `sync_every` steps.
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         n_pix = images.shape[-1] * images.shape[-2]
         n_sub = max(1, round(n_pix * cfg.pixel_fraction))
+        # (Separate tensors, not views of one: a compiled step then sees the same kind of input every step.)
+        idx_all: list[torch.Tensor | None] = [None] * n_steps
+        if n_sub < n_pix and n_steps:
+            drawn = torch.stack([torch.randperm(n_pix, generator=gen)[:n_sub] for _ in range(n_steps)]).to(device)
+            idx_all = [t.clone() for t in drawn]
+        lr_host = [lr_at(cfg, s) for s in range(n_steps)]
+        lrs = [t.clone() for t in torch.tensor(lr_host, dtype=torch.float64, device=device)] if n_steps else []
         full_targets = image_targets(images)  # (B, S*S, 3)
-        active = torch.ones(b, dtype=torch.bool)  # images still stepping (early stop, time budget, guard)
-        best = torch.full((b,), math.inf, dtype=torch.float64)
-        since_best = torch.zeros(b, dtype=torch.long)
+        active = torch.ones(b, dtype=torch.bool, device=device)  # images still stepping (early stop, time budget, guard)
+        best = torch.full((b,), math.inf, dtype=torch.float64, device=device)
+        since_best = torch.zeros(b, dtype=torch.long, device=device)
+        hist_loss = torch.zeros(n_steps, b, dtype=torch.float64, device=device)
+        # per step and image: was it active, were loss and gradient finite, were the new weights, did it stop early
+        hist = torch.zeros(4, n_steps, b, dtype=torch.bool, device=device)
+        budget_stop: int | None = None  # the step after which time_budget_ms stopped every image
         # per image: the last weights that gave a finite loss and gradient (fused Adam updates `weights` in place)
         last_good = [w.clone() for w in weights] if fused_opt is not None else weights
+        pre_bufs = [[w.clone() for w in weights] for _ in range(2)] if fused_opt is not None else []
         step_t = torch.tensor(step0, dtype=torch.float64, device=device)
+        n_run = 0
         for step in range(n_steps):
-            idx = None
-            if n_sub < n_pix:
-                idx = torch.randperm(n_pix, generator=gen)[:n_sub].to(device)
+            idx = idx_all[step]
             targets = full_targets if idx is None else full_targets[:, idx]
-            lr = lr_at(cfg, step)
             step_t = step_t + 1
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             new, new_m, new_v, grads, (losses, norms) = step_fn(
-                weights, exp_avg, exp_avg_sq, x, targets, idx, step_t, torch.tensor(lr, dtype=torch.float64, device=device)
+                weights, exp_avg, exp_avg_sq, x, targets, idx, step_t, lrs[step]
             )
-            if graphs:  # the next replay reuses the outputs' memory: keep copies
+            if graphs and fused_opt is None:  # the next replay reuses the outputs' memory: keep copies
                 new, new_m, new_v = ([t.clone() for t in ts] for ts in (new, new_m, new_v))
+            # (Fused Adam: the step returns its inputs and the gradients, which fused_opt.step() consumes
+            # before the next replay, so nothing is copied.)
             pre = weights
             if fused_opt is not None:
-                pre = [w.clone() for w in weights]
+                pre = pre_bufs[step % 2]  # two buffers: `last_good` may still be the other one
+                torch._foreach_copy_(pre, weights)
                 for w, g in zip(weights, grads, strict=True):
                     w.grad = g
                 for group in fused_opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr_host[step]
                 fused_opt.step()
                 for w in weights:
                     w.grad = None
                 new = weights
-            losses_c, norms_c = losses.detach().double().cpu(), norms.detach().cpu()
-            ok_pre = torch.isfinite(losses_c) & torch.isfinite(norms_c)  # these weights gave finite loss and gradient
-            ok_new = torch.stack([torch.isfinite(w.flatten(1)).all(1) for w in new]).all(0).cpu()
+            n_run = step + 1
+            losses64 = losses.detach().double()
+            ok_pre = torch.isfinite(losses64) & torch.isfinite(norms.detach())  # these weights gave finite loss and gradient
+            ok_new = torch.stack([torch.isfinite(w.flatten(1)).all(1) for w in new]).all(0)
             accept = active & ok_pre & ok_new
-            for i in torch.nonzero(active).flatten().tolist():
-                reports[i].losses.append(float(losses_c[i]))
-                if accept[i]:
-                    reports[i].steps_run = step + 1
-                    continue
-                if not ok_pre[i]:
-                    what = "loss" if not torch.isfinite(losses_c[i]) else "gradient"
-                    why = f"non-finite {what} at step {step}"
-                else:
-                    why = f"non-finite weights after step {step}"
-                reports[i].rolled_back, reports[i].rollback_reason = True, why
-            if bool(accept.all()):  # the common case: every image stepped
+            hist_loss[step] = losses64
+            hist[0, step], hist[1, step], hist[2, step] = active, ok_pre, ok_new
+            sync = n_run % ex.sync_every == 0 or n_run == n_steps
+            if sync and bool(accept.all()):  # the common case, known on the host: every image stepped
                 result, last_good = new, pre
             else:  # accepted: the update; rolled back: the last good weights; stopped before: unchanged
                 def per_image(mask: torch.Tensor, a: list[torch.Tensor], b_: list[torch.Tensor]) -> list[torch.Tensor]:
-                    m = mask.to(device)
-                    return [torch.where(m.view(-1, *[1] * (t.dim() - 1)), t, u) for t, u in zip(a, b_, strict=True)]
+                    return [torch.where(mask.view(-1, *[1] * (t.dim() - 1)), t, u) for t, u in zip(a, b_, strict=True)]
 
                 last_good = per_image(ok_pre & active, pre, last_good)
                 result = per_image(accept, new, per_image(active, last_good, pre))
-                active &= accept
+            active = accept
             if fused_opt is not None:  # keep the optimizer's tensors; moments were updated in place
                 if result is not new:
                     for w, r in zip(weights, result, strict=True):
                         w.copy_(r)
             else:
                 weights, exp_avg, exp_avg_sq = result, new_m, new_v
-            if cfg.time_budget_ms is not None and (time.perf_counter() - t_loop) * 1e3 >= cfg.time_budget_ms:
-                for i in torch.nonzero(active).flatten().tolist():
-                    reports[i].stopped_early = True
-                active[:] = False
             if cfg.early_stop_patience is not None:
-                improved = losses_c < best * (1 - cfg.early_stop_min_delta)
-                best = torch.where(improved & active, losses_c, best)
+                improved = losses64 < best * (1 - cfg.early_stop_min_delta)
+                best = torch.where(improved & active, losses64, best)
                 since_best = torch.where(improved, 0, since_best + 1)
                 stop = active & (since_best >= cfg.early_stop_patience)
-                for i in torch.nonzero(stop).flatten().tolist():
-                    reports[i].stopped_early = True
-                active &= ~stop
-            if not active.any():
-                break
+                hist[3, step] = stop
+                active = active & ~stop
+            if sync:
+                if cfg.time_budget_ms is not None and (time.perf_counter() - t_loop) * 1e3 >= cfg.time_budget_ms:
+                    budget_stop = step
+                    break
+                if not bool(active.any()):
+                    break
+        self._fill_reports(reports, hist_loss[:n_run].cpu(), hist[:, :n_run].cpu(), budget_stop)
         t_adapt = time.perf_counter() - t_loop
 
         t_pred = time.perf_counter()

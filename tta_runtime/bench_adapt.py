@@ -79,6 +79,7 @@ EXEC_LEVERS: dict[str, dict[str, Any]] = {
     "graphs": {"compile": "reduce-overhead"},  # torch.compile + CUDA graphs
     "bf16": {"autocast": "bf16"},
     "fused": {"adam": "fused"},
+    "async": {"sync_every": 100_000},  # the host reads losses and the guard back once, after the last step
 }
 
 

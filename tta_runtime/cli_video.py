@@ -36,6 +36,8 @@ def add_cli(commands: argparse._SubParsersAction, bench_commands: argparse._SubP
     s.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"adaptation recipe (default {DEFAULT_RECIPE})")
     s.add_argument("--adapt", choices=_ADAPT, default="always")
     s.add_argument("--steps-per-frame", type=int, default=DEFAULT_STEPS_PER_FRAME)
+    s.add_argument("--restore-prob", type=float, default=None,
+                   help="stochastic restore per step and weight (CoTTA); default: the recipe's (slot_tta_stream: 0.01)")
     s.add_argument("--latency-budget-ms", type=float, default=None)
     s.add_argument("--no-reset-on-cut", dest="reset_on_cut", action="store_false")
     s.add_argument("--no-reset-on-collapse", dest="reset_on_collapse", action="store_false")
@@ -64,6 +66,7 @@ def add_cli(commands: argparse._SubParsersAction, bench_commands: argparse._SubP
     b.add_argument("--model", default=None)
     b.add_argument("--frames", type=int, default=5000)
     b.add_argument("--steps-per-frame", type=int, default=1)
+    b.add_argument("--restore-prob", type=float, default=None, help="stochastic restore; default: the recipe's")
     b.add_argument("--size", type=int, default=64)
     b.add_argument("--recipe", default=DEFAULT_RECIPE)
     b.add_argument("--warmup", type=int, default=100)
@@ -146,6 +149,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     rt = Runtime.from_pretrained(args.model, device=args.device)
     opts = {
         "recipe": args.recipe, "steps_per_frame": args.steps_per_frame, "latency_budget_ms": args.latency_budget_ms,
+        "restore_prob": args.restore_prob,
         "reset_on_cut": args.reset_on_cut, "reset_on_collapse": args.reset_on_collapse, "reset_every": args.reset_every,
         "policy": args.policy,
         "stride": args.stride, "buffer": args.buffer, "max_frames": args.max_frames, "ground_truth": truth,
@@ -261,7 +265,7 @@ def _cmd_bench_stream(args: argparse.Namespace) -> int:
 
     report = bench_stream(
         args.model, frames=args.frames, steps_per_frame=args.steps_per_frame, size=args.size, recipe=args.recipe,
-        warmup=args.warmup, progress=True,
+        warmup=args.warmup, progress=True, restore_prob=args.restore_prob,
     )
     report["command"] = "tta-runtime " + shlex.join(args.argv)
     print(

@@ -207,6 +207,12 @@ class ExecutionConfig(_Frozen):
         "functional", description="'functional': Adam as tensor maths (compiles with the step); "
         "'fused': torch.optim.Adam(fused=True) on the stacked weights",
     )
+    sync_every: int = Field(
+        1, ge=1, le=100_000,
+        description="steps between host reads of the losses and the non-finite guard; above 1 the host queues "
+        "steps without waiting for the GPU. Rollbacks and early stops are still decided on the device every "
+        "step (same results); only the exit once every image has stopped, and time_budget_ms, wait for a sync",
+    )
 
 
 class AdaptConfig(_Frozen):
@@ -261,8 +267,14 @@ class AdaptConfig(_Frozen):
     time_budget_ms: float | None = Field(
         None, gt=0, description="stop stepping once this much time has gone into the loop (streams); None = no limit"
     )
+    restore_prob: float = Field(
+        0.0, ge=0, le=1,
+        description="stochastic restore (CoTTA, Wang et al. 2022): after every update each adapted weight element "
+        "goes back to its loaded value with this probability, so a continual stream cannot drift far from the "
+        "source model; 0 = off (CoTTA uses 0.01)",
+    )
     mode: Literal["episodic", "continual"] = "episodic"
-    seed: int = Field(0, description="seeds pixel subsets; the model itself is deterministic")
+    seed: int = Field(0, description="seeds pixel subsets and restore masks; the model itself is deterministic")
     execution: ExecutionConfig | None = Field(
         None, description="a recipe's [execution] table: a batch of images given to adapt_and_predict is adapted "
         "all at once, each image with its own weights (slot segmenters, episodic); None = image by image",

@@ -475,6 +475,7 @@ class StreamStats:
     steps_per_frame: int
     latency_budget_ms: float | None
     reset_every: int | None = None
+    restore_prob: float = 0.0
     source_fps: float | None = None
     source_frames: int | None = None
     frame_size: tuple[int, int] | None = None
@@ -521,6 +522,7 @@ class StreamStats:
                 "policy": self.policy, "stride": self.stride, "buffer": self.buffer, "adapt": self.adapt,
                 "recipe": self.recipe, "steps_per_frame": self.steps_per_frame,
                 "latency_budget_ms": self.latency_budget_ms, "reset_every": self.reset_every,
+                "restore_prob": self.restore_prob,
             },
             "frames": {
                 "in": self.frames_in, "processed": n, "dropped": self.frames_dropped,
@@ -743,7 +745,7 @@ class Stream:
             source=source.name, source_kind=source.kind, policy=opts["policy"], stride=opts["stride"],
             buffer=opts["buffer"], adapt=opts["adapt"], recipe=opts["recipe_cfg"].name,
             steps_per_frame=opts["steps_per_frame"], latency_budget_ms=opts["latency_budget_ms"],
-            reset_every=opts["reset_every"],
+            reset_every=opts["reset_every"], restore_prob=opts["recipe_cfg"].restore_prob,
         )
         self._recipe = opts["recipe_cfg"].model_dump()
         self._cut = SceneCutDetector(opts["cut_threshold"])
@@ -1021,7 +1023,7 @@ def stream(
     policy: str | None = None, stride: int = 1, buffer: int | None = None, max_frames: int | None = None, ground_truth: GroundTruth | None = None,
     channel_order: str | None = None, out: str | os.PathLike[str] | None = None, fps: float | None = None,
     annotate: bool = False, cut_threshold: float = 0.3, read_timeout_s: float = 10.0, reconnect: int = 5,
-    backoff_s: float = 0.5, progress: bool = False,
+    backoff_s: float = 0.5, progress: bool = False, restore_prob: float | None = None,
 ) -> Stream:
     """Segment a video frame by frame, adapting continually; returns a `Stream` of `StreamFrame`s.
 
@@ -1038,6 +1040,9 @@ def stream(
         recipe: adaptation recipe (name or .toml; default slot_tta_stream); None: the runtime's own. Its
             mode becomes "continual" and its `steps` `steps_per_frame`.
         steps_per_frame: adaptation steps per frame (at most; the latency budget may stop earlier).
+        restore_prob: stochastic restore (CoTTA): after every step each adapted weight returns to its loaded
+            value with this probability, which bounds how far thousands of frames can pull the model.
+            None: the recipe's (slot_tta_stream: 0.01, CoTTA's value).
         latency_budget_ms: per-frame budget; the loop gets what the frame's other work (measured on
             previous frames) leaves, and stops after the step that crosses it.
         reset_on_cut / reset_on_collapse: reset the weights on a scene cut (`SceneCutDetector`,
@@ -1095,7 +1100,10 @@ def stream(
     elif src.opencv and channel_order != "bgr":
         raise ConfigError("channel_order applies to iterables of frames; OpenCV sources always deliver BGR")
     base = runtime.recipe if recipe is None else load_recipe(recipe)
-    recipe_cfg = with_overrides(base, {"mode": "continual", "steps": int(steps_per_frame), "time_budget_ms": None}, "recipe")
+    overrides: dict[str, Any] = {"mode": "continual", "steps": int(steps_per_frame), "time_budget_ms": None}
+    if restore_prob is not None:
+        overrides["restore_prob"] = restore_prob
+    recipe_cfg = with_overrides(base, overrides, "recipe")
     SceneCutDetector(cut_threshold)  # validates the threshold now rather than at the first frame
     opts = {
         "adapt": adapt, "recipe_cfg": recipe_cfg, "steps_per_frame": int(steps_per_frame),
@@ -1130,6 +1138,7 @@ def _rss_mb() -> tuple[float, str]:
 def bench_stream(
     model: str | None = None, *, frames: int = 5000, steps_per_frame: int = 1, size: int = 64,
     recipe: str = DEFAULT_RECIPE, warmup: int = 100, seed: int = 0, progress: bool = False,
+    restore_prob: float | None = None,
 ) -> dict[str, Any]:
     """Memory over a long stream: peak RSS growth after the first `warmup` frames.
 
@@ -1158,7 +1167,7 @@ def bench_stream(
         t_gen = time.perf_counter() - t0
         with stream(
             rt, video.video, adapt="always", recipe=recipe, steps_per_frame=steps_per_frame, ground_truth=video.masks,
-            out=Path(tmp) / "annotated.mp4", progress=progress,
+            out=Path(tmp) / "annotated.mp4", progress=progress, restore_prob=restore_prob,
         ) as s:
             for i, _frame in enumerate(s, start=1):
                 rss, how = _rss_mb()
@@ -1177,6 +1186,7 @@ def bench_stream(
         "recipe": stats.recipe,
         "adapt": "always",
         "steps_per_frame": steps_per_frame,
+        "restore_prob": stats.restore_prob,
         "adapt_steps_total": stats.adapt_steps,
         "warmup_frames": warmup,
         "rss_mb_at_warmup": round(base, 2),
