@@ -52,13 +52,14 @@ def fx() -> dict[str, np.ndarray]:
         "logits_fit": emb_fit @ weight.T + bias, "logits_test": 3 * rng.normal(size=(N_TEST, C)),
         "recon_fit": rng.gamma(2.0, 0.01, N_FIT), "recon_test": rng.gamma(2.0, 0.02, N_TEST),
         "ent_fit": rng.uniform(0.2, 1.0, N_FIT), "ent_test": rng.uniform(0.0, 2.0, N_TEST),
+        "dis_fit": rng.gamma(2.0, 0.05, N_FIT), "dis_test": rng.gamma(2.0, 0.1, N_TEST),
     }
 
 
 def _feats(fx: dict[str, np.ndarray], part: str) -> OODFeatures:
     return OODFeatures(
         recon_mse=fx[f"recon_{part}"], mask_entropy=fx[f"ent_{part}"], embedding=fx[f"emb_{part}"],
-        logits=fx[f"logits_{part}"],
+        logits=fx[f"logits_{part}"], mask_disagreement=fx[f"dis_{part}"],
     )
 
 
@@ -82,7 +83,7 @@ def _fitted(name: str, fit_feats: OODFeatures, fx: dict[str, np.ndarray], **para
 # Each scorer against its published definition
 
 
-@pytest.mark.parametrize(("name", "key"), [("recon_error", "recon"), ("mask_entropy", "ent")])
+@pytest.mark.parametrize(("name", "key"), [("recon_error", "recon"), ("mask_entropy", "ent"), ("mask_disagreement", "dis")])
 def test_zscored_scorers_match_reference(name: str, key: str, fit_feats: OODFeatures, test_feats: OODFeatures, fx: dict) -> None:
     ref = scipy.stats.zmap(fx[f"{key}_test"], fx[f"{key}_fit"])  # (x - mean) / std, ddof 0
     np.testing.assert_allclose(_fitted(name, fit_feats, fx).score(test_feats), ref, rtol=0, atol=TOL)
@@ -198,7 +199,7 @@ def test_sign_is_higher_is_more_ood(fit_feats: OODFeatures, fx: dict) -> None:
     """Far-away embeddings and flat logits score higher than in-distribution ones, for every scorer."""
     far = OODFeatures(
         recon_mse=np.full(4, 1.0), mask_entropy=np.full(4, 5.0), embedding=fx["emb_fit"][:4] * 0 + 50.0 * np.eye(D)[:4],
-        logits=np.zeros((4, C)),
+        logits=np.zeros((4, C)), mask_disagreement=np.full(4, 3.0),
     )
     near = _feats(fx, "fit")
     for name in ood.SCORERS.names():
@@ -400,6 +401,8 @@ def test_features_match_reference(tiny_model: SlotSegmenter) -> None:
     recon, masks = out.reconstruction.numpy().astype(np.float64), out.masks.numpy().astype(np.float64)
     np.testing.assert_allclose(feats.recon_mse.numpy(), ((recon - img) ** 2).mean(axis=(1, 2)), rtol=TOL, atol=1e-7)
     np.testing.assert_allclose(feats.mask_entropy.numpy(), scipy.stats.entropy(masks, axis=1).mean(axis=1), rtol=TOL, atol=TOL)
+    attn = out.attention.numpy().astype(np.float64)  # scipy's entropy(p, q) is KL(p || q)
+    np.testing.assert_allclose(feats.mask_disagreement.numpy(), scipy.stats.entropy(masks, attn, axis=1).mean(axis=1), rtol=1e-4, atol=TOL)
     np.testing.assert_allclose(feats.embedding.numpy(), out.slots.numpy().mean(axis=1) if ood.DEFAULT_EMBEDDING == "slots"
                                else encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
     np.testing.assert_allclose(enc_feats.embedding.numpy(), encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
@@ -454,8 +457,10 @@ class _ScoreGraph(torch.nn.Module):
         super().__init__()
         self.scorer = scorer
 
-    def forward(self, recon: torch.Tensor, entropy: torch.Tensor, emb: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.scorer.torch_score(OODFeatures(recon, entropy, emb, logits))
+    def forward(
+        self, recon: torch.Tensor, entropy: torch.Tensor, emb: torch.Tensor, logits: torch.Tensor, disagreement: torch.Tensor
+    ) -> torch.Tensor:
+        return self.scorer.torch_score(OODFeatures(recon, entropy, emb, logits, disagreement))
 
 
 def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeatures, fx: dict) -> None:
@@ -465,8 +470,8 @@ def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeat
     import warnings
 
     t = test_feats.torch()
-    args = (t.recon_mse, t.mask_entropy, t.embedding, t.logits)
-    names = ["recon", "entropy", "emb", "logits"]
+    args = (t.recon_mse, t.mask_entropy, t.embedding, t.logits, t.mask_disagreement)
+    names = ["recon", "entropy", "emb", "logits", "disagreement"]
     small = test_feats.numpy()
     for name in ood.SCORERS.names():
         scorer = _fitted(name, fit_feats, fx)
@@ -478,7 +483,8 @@ def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeat
                 dynamic_axes={n: {0: "batch"} for n in [*names, "score"]},
             )
         sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-        feeds = {"recon": small.recon_mse[:7], "entropy": small.mask_entropy[:7], "emb": small.embedding[:7], "logits": small.logits[:7]}
+        feeds = {"recon": small.recon_mse[:7], "entropy": small.mask_entropy[:7], "emb": small.embedding[:7], "logits": small.logits[:7],
+                 "disagreement": small.mask_disagreement[:7]}
         wanted = {i.name for i in sess.get_inputs()}  # unused inputs are dropped from the graph
         got = sess.run(None, {k: v.astype(np.float32) for k, v in feeds.items() if k in wanted})[0]
         np.testing.assert_allclose(got, scorer.score(test_feats)[:7], rtol=1e-4, atol=1e-4, err_msg=name)

@@ -228,9 +228,10 @@ def _cmd_ood_eval(args: argparse.Namespace) -> int:
     report["model"] = rt.name
     report["command"] = "tta-runtime " + shlex.join(args.argv)
     scorers = sorted(next(iter(report["splits"].values())))
-    print(f"{'AUROC':22}" + "".join(f"{n:>14}" for n in scorers))
+    width = max(14, *(len(n) + 2 for n in scorers))
+    print(f"{'AUROC':22}" + "".join(f"{n:>{width}}" for n in scorers))
     for split, per in report["splits"].items():
-        print(f"{split:22}" + "".join(f"{per[n]['auroc']:>14.3f}" for n in scorers))
+        print(f"{split:22}" + "".join(f"{per[n]['auroc']:>{width}.3f}" for n in scorers))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -100,7 +100,7 @@ DEFAULT_EMBEDDING: Embedding = "encoder"
 # The scorer the runtime reports when a calibration holds several: the reconstruction-error z-score the
 # runtime already reported (needs nothing but the forward pass). No scorer is clearly better yet.
 DEFAULT_SCORER = "recon_error"
-SEGMENTER_SCORERS: tuple[str, ...] = ("recon_error", "mask_entropy", "knn", "mahalanobis")
+SEGMENTER_SCORERS: tuple[str, ...] = ("recon_error", "mask_entropy", "mask_disagreement", "knn", "mahalanobis")
 CLASSIFIER_SCORERS: tuple[str, ...] = (
     "msp", "max_logit", "energy", "softmax_entropy", "mahalanobis", "rmd", "knn", "vim"
 )
@@ -126,6 +126,8 @@ class OODFeatures:
     - `mask_entropy`: (B,) mean over pixels of the entropy (nats) of the slot masks over K, in [0, ln K]
     - `embedding`: (B, D) one feature vector per image (`DEFAULT_EMBEDDING` says which, for the segmenter)
     - `logits`: (B, C) class logits, classifiers only
+    - `mask_disagreement`: (B,) mean over pixels of KL(decoder masks || slot-attention maps) in nats, slot
+      models whose output carries the attention maps (not the ONNX frozen path's)
 
     A field a model does not produce is None; scorers that need it raise a `ConfigError`.
     """
@@ -134,8 +136,11 @@ class OODFeatures:
     mask_entropy: Array | None = None
     embedding: Array | None = None
     logits: Array | None = None
+    mask_disagreement: Array | None = None
 
-    _FIELDS: ClassVar[dict[str, int]] = {"recon_mse": 1, "mask_entropy": 1, "embedding": 2, "logits": 2}
+    _FIELDS: ClassVar[dict[str, int]] = {
+        "recon_mse": 1, "mask_entropy": 1, "embedding": 2, "logits": 2, "mask_disagreement": 1,
+    }
 
     def __post_init__(self) -> None:
         sizes = set()
@@ -204,7 +209,12 @@ def features_from_output(
         )
     recon_mse = ((out.reconstruction - target) ** 2).mean(dim=(1, 2))  # (B,)
     masks = out.masks  # (B, K, P), softmax over K
-    mask_entropy = -(masks * torch.log(masks.clamp_min(_LOG_FLOOR))).sum(dim=1).mean(dim=1)  # (B,)
+    log_masks = torch.log(masks.clamp_min(_LOG_FLOOR))
+    mask_entropy = -(masks * log_masks).sum(dim=1).mean(dim=1)  # (B,)
+    disagreement = None
+    if out.attention.shape == masks.shape:  # (B, K, S*S): the stride-1 encoder's positions are the pixels
+        log_attn = torch.log(out.attention.clamp_min(_LOG_FLOOR))
+        disagreement = (masks * (log_masks - log_attn)).sum(dim=1).mean(dim=1)  # (B,) KL(decoder || attention)
     if embedding == "slots":
         emb = out.slots.mean(dim=1)  # (B, D): permutation-invariant over slots
     elif embedding == "encoder":
@@ -215,7 +225,7 @@ def features_from_output(
         emb = encoded.mean(dim=1)  # (B, D): mean over the S*S positions
     else:
         raise ConfigError(f"embedding must be 'slots' or 'encoder', got {embedding!r}")
-    return OODFeatures(recon_mse=recon_mse, mask_entropy=mask_entropy, embedding=emb)
+    return OODFeatures(recon_mse=recon_mse, mask_entropy=mask_entropy, embedding=emb, mask_disagreement=disagreement)
 
 
 def forward_with_features(
@@ -415,6 +425,18 @@ class MaskEntropyScorer(_ZScored):
     name = "mask_entropy"
     requires = ("mask_entropy",)
     field_name = "mask_entropy"
+
+
+@_register
+class MaskDisagreementScorer(_ZScored):
+    """How far the decoder's masks are from the slot-attention maps, as a z-score: mean over pixels of
+    KL(decoder masks || attention maps) over the K slots. The decoder draws shapes it learned; the attention
+    groups the encoder's features as they come: on unseen shapes the two part ways. (Our own signal, not a
+    published scorer; chosen on selection scenes, scripts/explore_ood_mask_signals.py.)"""
+
+    name = "mask_disagreement"
+    requires = ("mask_disagreement",)
+    field_name = "mask_disagreement"
 
 
 # -- feature-space scorers -------------------------------------------------------------------------
