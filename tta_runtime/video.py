@@ -82,11 +82,12 @@ GroundTruth = Union[str, os.PathLike, np.ndarray, Sequence[np.ndarray], Callable
 # that per-image preset warms up and decays its lr within each call, i.e. within every frame here.
 DEFAULT_RECIPE = "slot_tta_stream"
 # Chosen on the seed-1 generated video (textured background from frame 150), never on the reported
-# seed (scripts/stream_demo.sh, docs/stream/tune.json): with slot_tta_stream, 5 steps per frame gave
-# the shifted half FG-ARI 0.728 (2 steps 0.604, 10 steps 0.726, predict-only 0.474); slot_tta_fast's
-# per-call lr schedule 0.674; the full-parameter slot_tta recipe drifted (0.546, and 0.437 on the
-# in-distribution half, below predict-only's 0.685).
-DEFAULT_STEPS_PER_FRAME = 5
+# seed (scripts/stream_demo.sh, docs/stream/tune.json), with the current default model: slot_tta_stream
+# (stochastic restore 0.01) at 10 steps per frame gave the shifted half FG-ARI 0.838 (2 steps 0.763,
+# 5 steps 0.787, 5 steps without restore 0.787, predict-only 0.717); slot_tta_fast's per-call lr schedule
+# 0.749; the full-parameter slot_tta recipe drifted (0.434). Ten steps cost about 0.3 s a frame at
+# 128x128 on one CPU core: `latency_budget_ms` caps it.
+DEFAULT_STEPS_PER_FRAME = 10
 _POLICIES = ("all", "latest")
 _ADAPT = ("always", "never", "when_ood")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
