@@ -406,21 +406,35 @@ def test_features_match_reference(tiny_model: SlotSegmenter) -> None:
     np.testing.assert_allclose(feats.embedding.numpy(), out.slots.numpy().mean(axis=1) if ood.DEFAULT_EMBEDDING == "slots"
                                else encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
     np.testing.assert_allclose(enc_feats.embedding.numpy(), encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
+    with torch.no_grad():
+        meanstd = ood.features_from_output(tiny_model, x, out, embedding="encoder_meanstd").embedding.numpy()
+    enc64 = encoded.numpy().astype(np.float64)
+    np.testing.assert_allclose(meanstd, np.concatenate([enc64.mean(axis=1), enc64.std(axis=1, ddof=1)], axis=1), rtol=1e-4, atol=1e-6)
     assert feats.recon_mse.shape == (3,) and feats.embedding.shape == (3, TINY.slot_dim)
     with pytest.raises(InvalidInputError, match="every pixel"):
         ood.features_from_output(tiny_model, x, tiny_model(x, pixel_idx=torch.arange(10)))
 
 
 def test_fit_and_eval_on_a_tiny_model(tiny_model: SlotSegmenter) -> None:
-    cals = ood.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("recon_error", "mask_entropy", "knn"))
+    cals = ood.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("recon_error", "mask_entropy", "knn", "mahalanobis"))
     assert {c.seed for c in cals.values()} == {VAL_SEED} and cals["knn"].n_threshold == 6
+    # Mahalanobis on the encoder features' mean and std (ood.SCORER_EMBEDDINGS), the rest on the mean
+    assert cals["mahalanobis"].embedding == "encoder_meanstd" and cals["knn"].embedding == "encoder"
+    assert cals["mahalanobis"].state["means"].shape[-1] == 2 * TINY.slot_dim
+    same = ood.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("mahalanobis",), embeddings={})
+    assert same["mahalanobis"].embedding == "encoder"
     report = ood.eval_ood(tiny_model, cals, splits=("textured_background", "unseen_shapes"), n_images=4)
     assert report["seed"] == TEST_SEED
     for split in ("textured_background", "unseen_shapes"):
         for name in cals:
             assert set(report["splits"][split][name]) == {"auroc", "aupr", "fpr95", "flagged"}
             assert 0 <= report["splits"][split][name]["auroc"] <= 1
-    assert report["far_shift"]["best"] in cals
+    far = report["far_shift"]
+    assert far["best"] in cals
+    for split, top in far["best_per_split"].items():  # each family's best scorer on its own
+        assert top["auroc"] == max(report["splits"][split][n]["auroc"] for n in cals)
+        assert top["meets_target"] == (top["auroc"] >= 0.95)
+    assert far["meets_target_per_split"] == all(t["meets_target"] for t in far["best_per_split"].values())
     with pytest.raises(ConfigError, match="test seed"):
         ood.fit_ood(tiny_model, n_images=4, seed=TEST_SEED)
     with pytest.raises(ConfigError, match="labels"):
