@@ -27,7 +27,7 @@ from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError, T
 from tta_runtime.evaluate import TEST_SEED
 from tta_runtime.ood import OODFeatures
 from tta_runtime.registry import Registry
-from tta_runtime.segmenter import SlotSegmenter
+from tta_runtime.segmenter import SegmenterOutput, SlotSegmenter
 from tta_runtime.train import VAL_SEED, to_tensor
 
 TOL = 1e-5
@@ -401,8 +401,7 @@ def test_features_match_reference(tiny_model: SlotSegmenter) -> None:
     recon, masks = out.reconstruction.numpy().astype(np.float64), out.masks.numpy().astype(np.float64)
     np.testing.assert_allclose(feats.recon_mse.numpy(), ((recon - img) ** 2).mean(axis=(1, 2)), rtol=TOL, atol=1e-7)
     np.testing.assert_allclose(feats.mask_entropy.numpy(), scipy.stats.entropy(masks, axis=1).mean(axis=1), rtol=TOL, atol=TOL)
-    attn = out.attention.numpy().astype(np.float64)  # scipy's entropy(p, q) is KL(p || q)
-    np.testing.assert_allclose(feats.mask_disagreement.numpy(), scipy.stats.entropy(masks, attn, axis=1).mean(axis=1), rtol=1e-4, atol=TOL)
+    np.testing.assert_allclose(feats.mask_disagreement.numpy(), _ref_disagreement(masks, out.attention.numpy()), rtol=1e-4, atol=TOL)
     np.testing.assert_allclose(feats.embedding.numpy(), out.slots.numpy().mean(axis=1) if ood.DEFAULT_EMBEDDING == "slots"
                                else encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
     np.testing.assert_allclose(enc_feats.embedding.numpy(), encoded.numpy().mean(axis=1), rtol=TOL, atol=1e-6)
@@ -413,6 +412,30 @@ def test_features_match_reference(tiny_model: SlotSegmenter) -> None:
     assert feats.recon_mse.shape == (3,) and feats.embedding.shape == (3, TINY.slot_dim)
     with pytest.raises(InvalidInputError, match="every pixel"):
         ood.features_from_output(tiny_model, x, tiny_model(x, pixel_idx=torch.arange(10)))
+
+
+def _ref_disagreement(masks: np.ndarray, attention: np.ndarray) -> np.ndarray:
+    """Mean over foreground pixels of KL(masks || attention), foreground = pixels whose argmax slot is not
+    the slot with the most mass; 0 without foreground."""
+    masks, attention = masks.astype(np.float64), attention.astype(np.float64)
+    kl = scipy.stats.entropy(masks, attention, axis=1)  # (B, P): scipy's entropy(p, q) is KL(p || q)
+    fg = masks.argmax(axis=1) != masks.sum(axis=2).argmax(axis=1)[:, None]
+    return (kl * fg).sum(axis=1) / np.maximum(fg.sum(axis=1), 1)
+
+
+def test_mask_disagreement_matches_reference_with_and_without_foreground() -> None:
+    g = torch.Generator().manual_seed(3)
+    b, k, s = 4, 5, 8
+    masks = (3 * torch.randn(b, k, s * s, generator=g)).softmax(dim=1)
+    masks[3] = (torch.randn(k, s * s, generator=g) + 20 * torch.eye(k)[0][:, None]).softmax(dim=0)  # one slot everywhere
+    attention = torch.randn(b, k, s * s, generator=g).softmax(dim=1)
+    image = torch.rand(b, 3, s, s, generator=g)
+    out = SegmenterOutput(masks, torch.rand(b, s * s, 3, generator=g), torch.rand(b, k, s * s, 3, generator=g),
+                          masks.log(), torch.randn(b, k, 6, generator=g), attention)
+    feats = ood.features_from_output(None, image, out, encoded=torch.randn(b, s * s, 6, generator=g))
+    ref = _ref_disagreement(masks.numpy(), attention.numpy())
+    assert (ref[:3] > 0).all() and ref[3] == 0.0
+    np.testing.assert_allclose(feats.mask_disagreement.numpy(), ref, rtol=1e-5, atol=TOL)
 
 
 def test_fit_and_eval_on_a_tiny_model(tiny_model: SlotSegmenter) -> None:

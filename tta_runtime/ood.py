@@ -131,8 +131,9 @@ class OODFeatures:
     - `mask_entropy`: (B,) mean over pixels of the entropy (nats) of the slot masks over K, in [0, ln K]
     - `embedding`: (B, D) one feature vector per image (`DEFAULT_EMBEDDING` says which, for the segmenter)
     - `logits`: (B, C) class logits, classifiers only
-    - `mask_disagreement`: (B,) mean over pixels of KL(decoder masks || slot-attention maps) in nats, slot
-      models whose output carries the attention maps (not the ONNX frozen path's)
+    - `mask_disagreement`: (B,) mean over foreground pixels of KL(decoder masks || slot-attention maps) in
+      nats; foreground = pixels whose most likely slot (decoder) is not the slot with the most mask mass;
+      0 when there is none. Slot models whose output carries the attention maps (not the ONNX frozen path's)
 
     A field a model does not produce is None; scorers that need it raise a `ConfigError`.
     """
@@ -219,7 +220,11 @@ def features_from_output(
     disagreement = None
     if out.attention.shape == masks.shape:  # (B, K, S*S): the stride-1 encoder's positions are the pixels
         log_attn = torch.log(out.attention.clamp_min(_LOG_FLOOR))
-        disagreement = (masks * (log_masks - log_attn)).sum(dim=1).mean(dim=1)  # (B,) KL(decoder || attention)
+        kl = (masks * (log_masks - log_attn)).sum(dim=1)  # (B, P) KL(decoder || attention) per pixel
+        # foreground: pixels the decoder gives to another slot than the one with the most mass (the background)
+        background = masks.sum(dim=2).argmax(dim=1, keepdim=True)  # (B, 1)
+        fg = (masks.argmax(dim=1) != background).to(kl.dtype)  # (B, P)
+        disagreement = (kl * fg).sum(dim=1) / fg.sum(dim=1).clamp_min(1.0)  # (B,)
     if embedding == "slots":
         emb = out.slots.mean(dim=1)  # (B, D): permutation-invariant over slots
     elif embedding in ("encoder", "encoder_meanstd"):
@@ -436,10 +441,11 @@ class MaskEntropyScorer(_ZScored):
 
 @_register
 class MaskDisagreementScorer(_ZScored):
-    """How far the decoder's masks are from the slot-attention maps, as a z-score: mean over pixels of
-    KL(decoder masks || attention maps) over the K slots. The decoder draws shapes it learned; the attention
-    groups the encoder's features as they come: on unseen shapes the two part ways. (Our own signal, not a
-    published scorer; chosen on selection scenes, scripts/explore_ood_mask_signals.py.)"""
+    """How far the decoder's masks are from the slot-attention maps on the objects, as a z-score: mean over
+    foreground pixels of KL(decoder masks || attention maps) over the K slots. The decoder draws shapes it
+    learned; the attention groups the encoder's features as they come: on unseen shapes the two part ways.
+    (Our own signal, not a published scorer; chosen on selection scenes, scripts/explore_ood_mask_signals.py
+    and scripts/explore_ood_disagreement.py.)"""
 
     name = "mask_disagreement"
     requires = ("mask_disagreement",)
