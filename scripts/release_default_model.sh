@@ -12,7 +12,7 @@ m=models/slot-shapes-32
 $tr ood fit --model slot-shapes-32
 $tr eval --n-images 20 --jobs 2 --json $m/eval.json
 $tr ood eval --model slot-shapes-32 --n-images 256 --json $m/ood_eval.json
-$tr bench gate --model slot-shapes-32 --n-images 8 --json $m/gate_bench.json
+$tr bench gate --model slot-shapes-32 --n-images 32 --json $m/gate_bench.json
 $tr demo --out out/demo --no-progress
 mkdir -p docs && cp out/demo/overlay.png docs/demo.png
 .venv/bin/python scripts/eval_tables.py $m/eval.json $m/ood_eval.json > out/tables.md

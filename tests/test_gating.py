@@ -111,3 +111,25 @@ def test_bench_gate_reports_compute_and_gain_shares(calibrated_dir: Path, tmp_pa
             assert r["fg_ari_gated"] == r["fg_ari_always"]
         else:
             assert r["fg_ari_gated"] == r["fg_ari_before"]
+    by_split = report["per_split"]
+    assert {k: v["n"] for k, v in by_split.items()} == {"in_dist": 2, "textured_background": 1, "unseen_colours": 1}
+    ind = [r for r in rows if r["split"] == "in_dist"]
+    assert by_split["in_dist"]["gain_always"] == pytest.approx(
+        sum(r["fg_ari_always"] - r["fg_ari_before"] for r in ind) / 2
+    )
+
+
+def test_bench_gate_scorer_option_picks_the_gating_scorer(
+    calibrated_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    out = tmp_path / "gate.json"
+    args = ["bench", "gate", "--model", str(calibrated_dir), "--n-images", "1", "--steps", "1", "--scorer", "knn",
+            "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["scorer"] == "knn"
+    bad = ["bench", "gate", "--model", str(calibrated_dir), "--n-images", "1", "--steps", "1", "--scorer", "mahalanobiz"]
+    assert main(bad) == 2
+    assert "did you mean 'mahalanobis'" in capsys.readouterr().err

@@ -40,14 +40,16 @@ def mixed_stream(n_images: int, shifts: Sequence[str], *, seed: int, size: int) 
 def bench_gate(
     model: str | None = None, *, n_images: int = 8, shifts: Sequence[str] = ("textured_background", "unseen_colours"),
     recipe: str | None = None, steps: int | None = None, seed: int = TEST_SEED, progress: bool = False,
+    scorer: str | None = None,
 ) -> dict[str, Any]:
     """Always-adapt vs `adapt="when_ood"` on one mixed stream; needs a calibrated model (`ood fit`).
-    `recipe`: default the model card's default_recipe."""
+    `recipe`: default the model card's default_recipe; `scorer`: the calibrated scorer that gates (default:
+    the runtime's, reconstruction error)."""
     extra: dict[str, Any] = {} if steps is None else {"steps": steps}
     if recipe is not None:
         extra["recipe"] = recipe
     always = Runtime.from_pretrained(model, **extra)
-    gated = Runtime.from_pretrained(model, adapt="when_ood", **extra)
+    gated = Runtime.from_pretrained(model, adapt="when_ood", ood_scorer=scorer, **extra)
     stream = mixed_stream(n_images, shifts, seed=seed, size=always.input_size)
     rows = []
     with _one_thread():  # like `eval`: numbers independent of the machine's core count
@@ -96,6 +98,15 @@ def bench_gate(
         "gain_kept": gain_gated / gain_always if gain_always != 0 else None,
         "compute_share_steps": total("steps_gated") / max(1.0, total("steps_always")),
         "compute_share_seconds": total("seconds_gated") / total("seconds_always"),
+        "per_split": {
+            split: {
+                "n": len(rs), "flagged": float(np.mean([r["is_ood"] for r in rs])),
+                "gain_always": float(np.mean([r["fg_ari_always"] - r["fg_ari_before"] for r in rs])),
+                "gain_when_ood": float(np.mean([r["fg_ari_gated"] - r["fg_ari_before"] for r in rs])),
+            }
+            for split in dict.fromkeys(r["split"] for r in rows)
+            for rs in [[r for r in rows if r["split"] == split]]
+        },
         "per_image": rows,
         "timing": {"device": str(always.device), "hardware": f"{platform.machine()}, 1 thread, torch {torch.__version__}"},
     }

@@ -263,7 +263,7 @@ def _cmd_bench_gate(args: argparse.Namespace) -> int:
 
     report = bench_gate(
         args.model, n_images=args.n_images, shifts=args.shifts.split(","), recipe=args.recipe, steps=args.steps,
-        progress=True,
+        progress=True, scorer=args.scorer,
     )
     report["command"] = "tta-runtime " + shlex.join(args.argv)
     f = report["fg_ari"]
@@ -398,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--shifts", default="textured_background,unseen_colours")
     bg.add_argument("--recipe", default=None, help="the adaptation recipe (default: the model card's default_recipe)")
     bg.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    bg.add_argument("--scorer", default=None, help="the calibrated OOD scorer that gates (default: recon_error)")
     bg.add_argument("--json", default=None)
     bg.set_defaults(func=_cmd_bench_gate)
 
