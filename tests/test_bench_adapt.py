@@ -58,15 +58,16 @@ def model64(runtime):
     return copy.deepcopy(runtime.model).double(), {k: v.double() for k, v in moments.items()}
 
 
-@pytest.mark.parametrize("sync_every", [1, 3])
+@pytest.mark.parametrize(("adam", "sync_every"), [("functional", 1), ("functional", 3), ("fused", 3)])
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_batched_matches_the_one_loop_image_by_image(model64, ood_batch, state, name, sync_every):
-    """Also when the host reads the guard back only every 3 steps: stops and rollbacks are decided on the device."""
+def test_batched_matches_the_one_loop_image_by_image(model64, ood_batch, state, name, adam, sync_every):
+    """Also when the host reads the guard back only every 3 steps: stops and rollbacks are decided on the device
+    (with fused Adam, on flat copies of the weights)."""
     model, moments = model64
     cfg = load_recipe("slot_tta", **RECIPES[name])
     images = ood_batch.double()
     before = state.snapshot(model)
-    ex = ExecutionOptions(sync_every=sync_every)
+    ex = ExecutionOptions(adam=adam, sync_every=sync_every)
     out, reports = BatchedAdapter(model, cfg, execution=ex, training_optimizer_state=moments).run(images)
     state.assert_bit_exact(model, before)  # the batched path never writes the model
     loop = Adapter(model, cfg, training_optimizer_state=moments)
@@ -298,3 +299,15 @@ def test_a_recipe_with_execution_adapts_a_batch_at_once_through_the_runtime(ood_
         rt.adapt_and_predict(images, mode="continual")
     with pytest.raises(ConfigError, match="execution"):
         Runtime.from_pretrained(recipe="slot_tta_batched", execution={"batch_size": 0})
+
+
+def test_exec_lever_configs_pair_async_with_the_same_levers_without_it():
+    names = [c.name for c in build_configs(
+        AdaptConfig(), AdaptConfig(steps=10), levers=False, batch_sizes=(1,), exec_levers=["graphs", "bf16", "fused", "async"]
+    )]
+    assert "fast:batched1+graphs+bf16+fused+async" in names
+    assert "fast:batched1+graphs+bf16+fused" in names  # measured in the same process, for the async ratio
+    two = [c.name for c in build_configs(AdaptConfig(), AdaptConfig(steps=10), levers=False, batch_sizes=(1,),
+                                         exec_levers=["fused", "async"])]
+    assert two == ["faithful", "fast", "fast:batched1", "fast:batched1+fused", "fast:batched1+async",
+                   "fast:batched1+fused+async"]

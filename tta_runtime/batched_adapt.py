@@ -55,6 +55,11 @@ _SUPPORTED_METHODS = ("slot_reconstruction",)
 ExecutionOptions = ExecutionConfig
 
 
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(B, sum of the per-image sizes): the tensors' per-image values side by side, one copy."""
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)
+
+
 def adam_update(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
     step: torch.Tensor, lr: torch.Tensor, weight_decay: float = 0.0,
@@ -248,22 +253,24 @@ class BatchedAdapter:
     def _fill_reports(reports: list[AdaptationReport], losses: torch.Tensor, hist: torch.Tensor, budget_stop: int | None) -> None:
         """Per-image reports from the loop's device-side history, read back once: `losses` (steps, B) and
         `hist` (4, steps, B): active, loss and gradient finite, new weights finite, stopped early (patience)."""
-        active, ok_pre, ok_new, stopped = hist
+        # plain lists: indexing a tensor element by element costs ~1 us per read, ~25 ms for a batch of 32
+        losses_l: list[list[float]] = losses.tolist()
+        active, ok_pre, ok_new, stopped = hist.tolist()
         for i, r in enumerate(reports):
-            for step in range(losses.shape[0]):
-                if not active[step, i]:
+            for step in range(len(losses_l)):
+                if not active[step][i]:
                     break
-                r.losses.append(float(losses[step, i]))
-                if ok_pre[step, i] and ok_new[step, i]:
+                r.losses.append(float(losses_l[step][i]))
+                if ok_pre[step][i] and ok_new[step][i]:
                     r.steps_run = step + 1
-                    if stopped[step, i]:
+                    if stopped[step][i]:
                         r.stopped_early = True
                         break
                     if step == budget_stop:
                         r.stopped_early = True
                     continue
-                if not ok_pre[step, i]:
-                    what = "loss" if not math.isfinite(float(losses[step, i])) else "gradient"
+                if not ok_pre[step][i]:
+                    what = "loss" if not math.isfinite(losses_l[step][i]) else "gradient"
                     r.rolled_back, r.rollback_reason = True, f"non-finite {what} at step {step}"
                 else:
                     r.rolled_back, r.rollback_reason = True, f"non-finite weights after step {step}"
@@ -334,9 +341,13 @@ class BatchedAdapter:
         # per step and image: was it active, were loss and gradient finite, were the new weights, did it stop early
         hist = torch.zeros(4, n_steps, b, dtype=torch.bool, device=device)
         budget_stop: int | None = None  # the step after which time_budget_ms stopped every image
-        # per image: the last weights that gave a finite loss and gradient (fused Adam updates `weights` in place)
-        last_good = [w.clone() for w in weights] if fused_opt is not None else weights
-        pre_bufs = [[w.clone() for w in weights] for _ in range(2)] if fused_opt is not None else []
+        # per image: the last weights that gave a finite loss and gradient. Fused Adam updates `weights` in place
+        # and the guard works on one flat (B, P) copy of them: a handful of kernels a step instead of a few per
+        # parameter tensor (the one-image loop on a GPU is bound by kernel launches).
+        last_good = weights
+        flat_good = _flat(weights) if fused_opt is not None else None
+        flat_dst = [w.view(b, -1) for w in weights]  # where a rolled-back flat copy is written back
+        sizes = [t.shape[1] for t in flat_dst]
         step_t = torch.tensor(step0, dtype=torch.float64, device=device)
         n_run = 0
         for step in range(n_steps):
@@ -353,9 +364,9 @@ class BatchedAdapter:
             # (Fused Adam: the step returns its inputs and the gradients, which fused_opt.step() consumes
             # before the next replay, so nothing is copied.)
             pre = weights
+            flat_pre = flat_new = None
             if fused_opt is not None:
-                pre = pre_bufs[step % 2]  # two buffers: `last_good` may still be the other one
-                torch._foreach_copy_(pre, weights)
+                flat_pre = _flat(weights)  # the weights this step started from
                 for w, g in zip(weights, grads, strict=True):
                     w.grad = g
                 for group in fused_opt.param_groups:
@@ -367,13 +378,23 @@ class BatchedAdapter:
             n_run = step + 1
             losses64 = losses.detach().double()
             ok_pre = torch.isfinite(losses64) & torch.isfinite(norms.detach())  # these weights gave finite loss and gradient
-            ok_new = torch.stack([torch.isfinite(w.flatten(1)).all(1) for w in new]).all(0)
+            if fused_opt is not None:
+                flat_new = _flat(weights)
+                ok_new = torch.isfinite(flat_new).all(1)
+            else:
+                ok_new = torch.stack([torch.isfinite(w.flatten(1)).all(1) for w in new]).all(0)
             accept = active & ok_pre & ok_new
             hist_loss[step] = losses64
             hist[0, step], hist[1, step], hist[2, step] = active, ok_pre, ok_new
             sync = n_run % ex.sync_every == 0 or n_run == n_steps
             if sync and bool(accept.all()):  # the common case, known on the host: every image stepped
-                result, last_good = new, pre
+                result, last_good, flat_good = new, pre, flat_pre
+            elif fused_opt is not None:  # the same rule on the flat copies, written back into `weights`
+                assert flat_pre is not None and flat_new is not None and flat_good is not None
+                flat_good = torch.where((ok_pre & active)[:, None], flat_pre, flat_good)
+                flat_res = torch.where(accept[:, None], flat_new, torch.where(active[:, None], flat_good, flat_pre))
+                torch._foreach_copy_(flat_dst, list(torch.split(flat_res, sizes, dim=1)))
+                result = new
             else:  # accepted: the update; rolled back: the last good weights; stopped before: unchanged
                 def per_image(mask: torch.Tensor, a: list[torch.Tensor], b_: list[torch.Tensor]) -> list[torch.Tensor]:
                     return [torch.where(mask.view(-1, *[1] * (t.dim() - 1)), t, u) for t, u in zip(a, b_, strict=True)]
@@ -381,11 +402,7 @@ class BatchedAdapter:
                 last_good = per_image(ok_pre & active, pre, last_good)
                 result = per_image(accept, new, per_image(active, last_good, pre))
             active = accept
-            if fused_opt is not None:  # keep the optimizer's tensors; moments were updated in place
-                if result is not new:
-                    for w, r in zip(weights, result, strict=True):
-                        w.copy_(r)
-            else:
+            if fused_opt is None:  # (fused: the optimizer's tensors hold the result; moments updated in place)
                 weights, exp_avg, exp_avg_sq = result, new_m, new_v
             if cfg.early_stop_patience is not None:
                 improved = losses64 < best * (1 - cfg.early_stop_min_delta)

@@ -145,6 +145,12 @@ def build_configs(
                 for e in together:
                     merged.update(EXEC_LEVERS[e])
                 variants.append(("+" + "+".join(together), merged, together))
+                if "async" in together and len(together) > 2:  # and all but async, for the ratio in one process
+                    rest = [e for e in together if e != "async"]
+                    merged_rest: dict[str, Any] = {}
+                    for e in rest:
+                        merged_rest.update(EXEC_LEVERS[e])
+                    variants.append(("+" + "+".join(rest), merged_rest, rest))
             for suffix, opts, names in variants:
                 ex = ExecutionOptions(batch_size=b, compile_backend=compile_backend, **opts)
                 configs.append(BenchConfig(f"{label}:batched{b}{suffix}", recipe, "batched", ex, [*base_levers, "vmap", *names]))
