@@ -83,6 +83,10 @@ def analyse() -> None:
     share, kept = np.cumsum(w[order]), np.cumsum((w * g)[order]) / (w * g).sum()
     report["oracle_gain_kept"] = {f"{c:.1f}": float(kept[np.searchsorted(share, c)]) for c in (0.4, 0.5, 0.6)}
     report["in_dist_share_of_gain"] = float((w[: len(ind)] * g[: len(ind)]).sum() / (w * g).sum())
+    # a gate on the true segmentation quality before adaptation (it reads the labels): worst scenes first
+    order_q = np.argsort([r["fg_ari_before"] for r in ind + sh], kind="stable")
+    share_q, kept_q = np.cumsum(w[order_q]), np.cumsum((w * g)[order_q]) / (w * g).sum()
+    report["quality_gate_gain_kept"] = {f"{c:.1f}": float(kept_q[np.searchsorted(share_q, c)]) for c in (0.4, 0.5, 0.6)}
     from scipy.stats import spearmanr
 
     every = ind + sh
@@ -98,6 +102,7 @@ def analyse() -> None:
         print(f"{sig:20s}", {k: round(x, 2) if x is not None else None for k, x in v.items()})
     print("mean gain", {k: round(v, 3) for k, v in report["mean_gain"].items()})
     print("oracle", report["oracle_gain_kept"], "in-dist share", round(report["in_dist_share_of_gain"], 3))
+    print("quality gate (labels)", report["quality_gate_gain_kept"])
     print("spearman", {k: round(v, 3) for k, v in report["spearman_with_gain"].items()})
     json.dump(report, open("docs/gate/gate_signals.json", "w"), indent=1)
     # the picture: gain kept against compute share on the all-shifts stream, resampled on a 5% grid
