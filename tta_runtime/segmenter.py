@@ -104,6 +104,14 @@ class SlotAttention(nn.Module):
         return slots, attn
 
 
+def _rows(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layers` (pointwise, Linear last dim) on x (..., W) as one (rows, W) matrix: the same numbers in PyTorch
+    (a Linear runs as one addmm either way), but an exported graph then holds Gemm with its bias fused instead
+    of MatMul + Add (ONNX Runtime fuses the bias only on 2-D inputs), which saves a pass over the activations."""
+    y = layers(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class CoordDecoder(nn.Module):
     """Coordinate MLP conditioned additively on a slot: (B, K, D) x (P, 2) -> RGB (B,K,P,3), logit (B,K,P)."""
 
@@ -136,8 +144,8 @@ class CoordDecoder(nn.Module):
         h = self.coord(coords)[None, None]  # (1, 1, P, W)
         for proj, block in zip(self.slot_proj, self.blocks, strict=True):
             h = h + proj(slots)[:, :, None, :]  # (B, K, P, W)
-            h = h + block(h)
-        out = self.out(h)  # (B, K, P, 4)
+            h = h + _rows(block, h)
+        out = _rows(self.out, h)  # (B, K, P, 4)
         return out[..., :3], out[..., 3]
 
 
