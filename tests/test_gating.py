@@ -133,3 +133,20 @@ def test_bench_gate_scorer_option_picks_the_gating_scorer(
     bad = ["bench", "gate", "--model", str(calibrated_dir), "--n-images", "1", "--steps", "1", "--scorer", "mahalanobiz"]
     assert main(bad) == 2
     assert "did you mean 'mahalanobis'" in capsys.readouterr().err
+
+
+def test_continual_adaptation_leaves_the_ood_score_of_an_input_unchanged(calibrated_dir: Path) -> None:
+    """The calibration describes the loaded weights: once continual adaptation has moved them, an input is
+    still scored by the loaded ones (the same input scores the same), while the prediction uses the adapted."""
+    rt = tta.Runtime.from_pretrained(calibrated_dir, recipe="slot_tta_stream", mode="continual", steps=10)
+    probe = _image("in_dist", 0)
+    before = rt.predict(probe)
+    for i in range(4):
+        rt.adapt_and_predict(_image("noise_blur", i))
+    after = rt.predict(probe)
+    assert after.recon_mse != before.recon_mse  # the weights did move: the prediction changed
+    assert (after.ood_score, after.is_ood, after.ood_scorer) == (before.ood_score, before.is_ood, before.ood_scorer)
+    gated = rt.adapt_and_predict(probe, adapt="when_ood")  # the gate reads the same score
+    assert gated.ood_score == before.ood_score
+    rt.reset()
+    assert rt.predict(probe).ood_score == pytest.approx(before.ood_score, abs=1e-9)

@@ -62,3 +62,17 @@ def test_calibrated_classifier_runtime_flags_and_gates(calibrated):
     assert sum(flags[8:]) >= 6 and sum(flags[:8]) <= 2
     for r in res:  # in-distribution images took the predict path, and their report says so
         assert (r.adaptation.skipped is None) == bool(r.is_ood)
+
+
+def test_continual_classifier_scores_inputs_with_the_loaded_weights(calibrated):
+    """tent_continual moves the norm layers and their running statistics; scores stay those of the input."""
+    folder, _ = calibrated
+    rt = tta_runtime.Runtime.from_pretrained(folder, recipe="tent_continual", ood_scorer="mahalanobis")
+    clean, _ = load_digits("test")
+    probe = clean[:4]
+    before = [r.ood_score for r in rt.predict(probe)]
+    foggy = corrupt(clean[8:40], "fog", 5, seed=3)
+    for i in range(0, 32, 8):
+        rt.adapt_and_predict(foggy[i : i + 8])
+    after = rt.predict(probe)
+    np.testing.assert_allclose([r.ood_score for r in after], before, rtol=1e-6)

@@ -22,6 +22,16 @@ def test_onnxruntime_backend_serves_predict_like_torch_even_after_continual_adap
     np.testing.assert_allclose(ort_rt.predict(ood_image).masks, torch_rt.predict(ood_image).masks, atol=1e-4)
 
 
+def test_onnxruntime_backend_scores_with_the_loaded_weights_after_continual_adaptation(ood_image, scene):
+    """The graph runs the adapted weights for the prediction; the score stays that of the loaded weights."""
+    ort_rt = tta_runtime.Runtime.from_pretrained(mode="continual", steps=3, backend="onnxruntime", onnxruntime_threads=1)
+    before = ort_rt.predict(ood_image)
+    ort_rt.adapt_and_predict(scene("noise_blur", 1))
+    after = ort_rt.predict(ood_image)
+    assert np.abs(after.masks - before.masks).max() > 1e-4  # the graph has the adapted weights
+    assert after.ood_score == pytest.approx(before.ood_score, abs=1e-4)
+
+
 def test_onnxruntime_backend_refuses_classifiers():
     with pytest.raises(tta_runtime.ConfigError, match="segmenter only"):
         tta_runtime.Runtime.from_pretrained("digits-cnn-bn", backend="onnxruntime")

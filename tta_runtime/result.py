@@ -33,7 +33,8 @@ class Result:
       With a calibration in the model folder: the calibrated scorer (`ood_scorer`) and `is_ood` (score
       above the threshold fitted at 95% in-distribution TPR); without one: a segmenter reports the
       reconstruction error as a z-score against the card's statistics, a classifier the energy score
-      (-logsumexp of the logits), and `is_ood` is None
+      (-logsumexp of the logits), and `is_ood` is None. Always computed with the loaded weights (after
+      continual adaptation too), so the same input always gets the same score
     - `adaptation`: what the adaptation did (None for `predict`); for a batch, every image's Result shares
       the one report of the batch's adaptation
     - `pruning`: with `prune=` (a pruned variant), the frozen forward's channel decisions for this input:

@@ -99,6 +99,9 @@ class Runtime:
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
         self._adapted_since_reset = 0  # continual mode's reset_every policy counts adapted inputs
+        # Continual adaptation has moved the weights away from the loaded ones, which the OOD calibration (and the
+        # card's recon statistics) describe: scores then come from a pass with the loaded weights.
+        self._weights_moved = False
         self._recent_labels: collections.deque[int] = collections.deque(maxlen=self.options.collapse_window or 1)
         self.calibration = self._load_calibration()
         self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
@@ -358,6 +361,7 @@ class Runtime:
         with self._lock:
             self._adapter.reset()
             self._adapted_since_reset = 0
+            self._weights_moved = False
 
     def _count_adapted(self, report: AdaptationReport, n: int, labels: list[int] | None = None) -> None:
         """Continual mode's reset policy: `reset_every` adapted inputs, the collapse monitor (classifiers:
@@ -368,7 +372,9 @@ class Runtime:
         if report.reset:
             self._adapted_since_reset = 0
             self._recent_labels.clear()
+            self._weights_moved = False
             return
+        self._weights_moved = self._weights_moved or report.steps_run > 0
         self._adapted_since_reset += n
         every = self.options.reset_every
         why = None
@@ -389,6 +395,7 @@ class Runtime:
             self._adapter.reset()
             self._adapted_since_reset = 0
             self._recent_labels.clear()
+            self._weights_moved = False
             report.reset = True
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -454,33 +461,53 @@ class Runtime:
         return gate
 
     def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODInfo]]:
-        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) per image."""
+        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) per image.
+
+        The output comes from the current weights. The scores describe the input, not the adaptation
+        history: once continual adaptation has moved the weights, they come from a second pass with the
+        loaded weights (the ones the calibration was fitted for), so the same input always scores the same."""
+        embedding = self.calibration.embedding if self.calibration else "encoder"
         if self._ort is not None:
-            return self._ort(x)
-        cal = self.calibration
+            out, oods = self._ort(x)
+            if not self._weights_moved:
+                return out, oods
+            feats = self._loaded_weights_features(x, embedding)
+        else:
+            with torch.inference_mode():
+                if self.task == "classification":
+                    out = self.model(x)
+                    feats = OODFeatures(logits=out.logits, embedding=out.features)
+                else:
+                    encoded = self.model.encode(x)
+                    out = self.model.forward_features(encoded)
+                    feats = features_from_output(self.model, x, out, encoded=encoded, embedding=embedding)
+            self._last_pruning = self._pruning_info(x.shape[0])
+            if self._weights_moved:
+                feats = self._loaded_weights_features(x, embedding)
+        return out, self._ood_infos(feats)
+
+    def _loaded_weights_features(self, x: torch.Tensor, embedding: str) -> OODFeatures:
+        """The OOD features of a forward pass with the loaded weights (the model's own are left alone)."""
         with torch.inference_mode():
-            if self.task == "classification":
-                out = self.model(x)
-                feats = OODFeatures(logits=out.logits, embedding=out.features)
-            else:
-                encoded = self.model.encode(x)
-                out = self.model.forward_features(encoded)
-                feats = features_from_output(
-                    self.model, x, out, encoded=encoded, embedding=cal.embedding if cal else "encoder"
-                )
-        n = x.shape[0]
-        self._last_pruning = self._pruning_info(n)
+            return torch.func.functional_call(
+                _FeaturePass(self.model, self.task, embedding), {f"model.{k}": v for k, v in self._adapter._source.items()},
+                (x,), strict=True,
+            )
+
+    def _ood_infos(self, feats: OODFeatures) -> list[OODInfo]:
+        cal = self.calibration
+        n = len(feats)
         mse = feats.recon_mse.float().cpu().numpy() if feats.recon_mse is not None else np.full(n, np.nan)
         if cal is not None:
             scores = cal.score(feats)
-            return out, [(float(sc), cal.scorer, bool(sc > cal.threshold), float(m)) for sc, m in zip(scores, mse)]
+            return [(float(sc), cal.scorer, bool(sc > cal.threshold), float(m)) for sc, m in zip(scores, mse)]
         if self.task == "classification":  # energy (Liu et al. 2020), uncalibrated
-            energy = (-torch.logsumexp(out.logits.float(), dim=1)).cpu().numpy()
-            return out, [(float(e), "energy", None, float("nan")) for e in energy]
+            energy = (-torch.logsumexp(feats.logits.float(), dim=1)).cpu().numpy()
+            return [(float(e), "energy", None, float("nan")) for e in energy]
         stats = self.card.ood
         if stats is None:
-            return out, [(float(m), "recon_mse", None, float(m)) for m in mse]
-        return out, [(float((m - stats.recon_mse_mean) / stats.recon_mse_std), "recon_mse_z", None, float(m)) for m in mse]
+            return [(float(m), "recon_mse", None, float(m)) for m in mse]
+        return [(float((m - stats.recon_mse_mean) / stats.recon_mse_std), "recon_mse_z", None, float(m)) for m in mse]
 
     def _items(self, image: Any) -> tuple[list[Any], bool]:
         batch = split_batch(image, gray_batches=self.task == "classification")
@@ -558,6 +585,23 @@ class Runtime:
                 pruning=self._pruning_of(i),
             ))
         return results
+
+
+class _FeaturePass(torch.nn.Module):
+    """One frozen forward pass that returns the OOD features, as a module so that `torch.func.functional_call`
+    can run it with other weights than the model's own (`Runtime._loaded_weights_features`)."""
+
+    def __init__(self, model: torch.nn.Module, task: str, embedding: str) -> None:
+        super().__init__()
+        self.model, self.task, self.embedding = model, task, embedding
+
+    def forward(self, x: torch.Tensor) -> OODFeatures:
+        if self.task == "classification":
+            out = self.model(x)
+            return OODFeatures(logits=out.logits, embedding=out.features)
+        encoded = self.model.encode(x)
+        out = self.model.forward_features(encoded)
+        return features_from_output(self.model, x, out, encoded=encoded, embedding=self.embedding)  # type: ignore[arg-type]
 
 
 def _slice_output(out: SegmenterOutput, i: int) -> SegmenterOutput:
