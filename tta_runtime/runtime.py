@@ -474,13 +474,7 @@ class Runtime:
             feats = self._loaded_weights_features(x, embedding)
         else:
             with torch.inference_mode():
-                if self.task == "classification":
-                    out = self.model(x)
-                    feats = OODFeatures(logits=out.logits, embedding=out.features)
-                else:
-                    encoded = self.model.encode(x)
-                    out = self.model.forward_features(encoded)
-                    feats = features_from_output(self.model, x, out, encoded=encoded, embedding=embedding)
+                out, feats = _FeaturePass(self.model, self.task, embedding)(x)
             self._last_pruning = self._pruning_info(x.shape[0])
             if self._weights_moved:
                 feats = self._loaded_weights_features(x, embedding)
@@ -492,7 +486,7 @@ class Runtime:
             return torch.func.functional_call(
                 _FeaturePass(self.model, self.task, embedding), {f"model.{k}": v for k, v in self._adapter._source.items()},
                 (x,), strict=True,
-            )
+            )[1]
 
     def _ood_infos(self, feats: OODFeatures) -> list[OODInfo]:
         cal = self.calibration
@@ -588,20 +582,20 @@ class Runtime:
 
 
 class _FeaturePass(torch.nn.Module):
-    """One frozen forward pass that returns the OOD features, as a module so that `torch.func.functional_call`
-    can run it with other weights than the model's own (`Runtime._loaded_weights_features`)."""
+    """One frozen forward pass: (output, OOD features). A module so that `torch.func.functional_call` can also
+    run it with other weights than the model's own (`Runtime._loaded_weights_features`)."""
 
     def __init__(self, model: torch.nn.Module, task: str, embedding: str) -> None:
         super().__init__()
         self.model, self.task, self.embedding = model, task, embedding
 
-    def forward(self, x: torch.Tensor) -> OODFeatures:
+    def forward(self, x: torch.Tensor) -> tuple[Any, OODFeatures]:
         if self.task == "classification":
             out = self.model(x)
-            return OODFeatures(logits=out.logits, embedding=out.features)
+            return out, OODFeatures(logits=out.logits, embedding=out.features)
         encoded = self.model.encode(x)
         out = self.model.forward_features(encoded)
-        return features_from_output(self.model, x, out, encoded=encoded, embedding=self.embedding)  # type: ignore[arg-type]
+        return out, features_from_output(self.model, x, out, encoded=encoded, embedding=self.embedding)  # type: ignore[arg-type]
 
 
 def _slice_output(out: SegmenterOutput, i: int) -> SegmenterOutput:
