@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import tta_runtime as tta
-from tta_runtime.scenes import generate_scenes
+from tta_runtime.data.scenes import generate_scenes
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 import tta_runtime as tta
-from tta_runtime.digits import BENCHMARK_CORRUPTIONS, corrupt, load_digits
+from tta_runtime.data.digits import BENCHMARK_CORRUPTIONS, corrupt, load_digits
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tta_runtime.segmenter import SlotSegmenter
-from tta_runtime.train import TrainConfig, write_model_folder
+from tta_runtime.models.segmenter import SlotSegmenter
+from tta_runtime.training.slot import TrainConfig, write_model_folder
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ continual with the stream recipe (`slot_tta_stream`, `steps` a scene).
 """
 import json, sys, numpy as np, torch
 import tta_runtime as tta
-from tta_runtime.bench import mixed_stream
+from tta_runtime.evaluation.bench_gate import mixed_stream
 from tta_runtime.metrics import fg_ari
 
 torch.set_num_threads(1)

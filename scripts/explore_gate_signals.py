@@ -14,7 +14,7 @@ import glob, json, sys, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.metrics import fg_ari
 from tta_runtime.ood import features_from_output, load_calibration
-from tta_runtime.scenes import generate_scenes
+from tta_runtime.data.scenes import generate_scenes
 
 SEL = 1500
 

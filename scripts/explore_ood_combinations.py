@@ -13,7 +13,7 @@ pair's max reaches 0.929 on textured backgrounds and 0.965 on unseen shapes, its
 import json, itertools, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.ood import load_calibration, scene_features, auroc
-from tta_runtime.scenes import VAL_SEED
+from tta_runtime.data.scenes import VAL_SEED
 torch.set_num_threads(1)
 rt = tta.Runtime.from_pretrained()
 cals = load_calibration(rt.folder)

@@ -9,7 +9,7 @@ mean KL over foreground pixels (0.975 on unseen shapes), which became the shippe
 import json, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.ood import auroc
-from tta_runtime.scenes import generate_scenes
+from tta_runtime.data.scenes import generate_scenes
 torch.set_num_threads(1)
 rt = tta.Runtime.from_pretrained(); m = rt.model; cfg = m.cfg
 def stats(split, seed, n):

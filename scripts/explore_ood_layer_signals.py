@@ -9,7 +9,7 @@ mean+std Mahalanobis, textured backgrounds) and 0.946 (max of the KL and entropy
 import json, sys, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.ood import auroc
-from tta_runtime.scenes import generate_scenes, VAL_SEED
+from tta_runtime.data.scenes import generate_scenes, VAL_SEED
 torch.set_num_threads(2)
 rt = tta.Runtime.from_pretrained(); m = rt.model; cfg = m.cfg
 relus = [mod for mod in m.encoder.convs if isinstance(mod, torch.nn.ReLU)]

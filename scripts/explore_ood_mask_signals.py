@@ -14,8 +14,8 @@ KL(decoder || attention) (0.934 on unseen shapes, against 0.912 for mask entropy
 import json, sys, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.ood import auroc
-from tta_runtime.scenes import generate_scenes, VAL_SEED
-from tta_runtime.segmenter import segmentation_masks
+from tta_runtime.data.scenes import generate_scenes, VAL_SEED
+from tta_runtime.models.segmenter import segmentation_masks
 torch.set_num_threads(1)
 rt = tta.Runtime.from_pretrained(); m = rt.model; cfg = m.cfg
 def stats(split, seed, n, start=0):

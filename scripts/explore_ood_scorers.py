@@ -25,8 +25,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from tta_runtime import Runtime
-from tta_runtime.scenes import OOD_SPLITS, VAL_SEED, generate_scenes
-from tta_runtime.segmenter import images_to_tensor
+from tta_runtime.data.scenes import OOD_SPLITS, VAL_SEED, generate_scenes
+from tta_runtime.models.segmenter import images_to_tensor
 
 SELECTION_SEED = 1_500
 

@@ -9,7 +9,7 @@ z-scores use held-out validation scenes (seed 1000, indices 512-767), as `explor
 import json, numpy as np, torch
 import tta_runtime as tta
 from tta_runtime.ood import auroc, load_calibration, scene_features, make_scorer, OODFeatures
-from tta_runtime.scenes import VAL_SEED
+from tta_runtime.data.scenes import VAL_SEED
 
 torch.set_num_threads(1)
 rt = tta.Runtime.from_pretrained()

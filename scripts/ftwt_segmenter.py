@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tta_runtime.adapt import Adapter
+from tta_runtime.adapt.loop import Adapter
 from tta_runtime.hub import find_model, load_recipe
 from tta_runtime.metrics import fg_ari
-from tta_runtime.pruning import save_pruned
-from tta_runtime.pruning_segmenter import PrunedSegmenter, encoder_widths, model_macs, train_ftwt_segmenter
+from tta_runtime.prune.ftwt import save_pruned
+from tta_runtime.prune.segmenter import PrunedSegmenter, encoder_widths, model_macs, train_ftwt_segmenter
 from tta_runtime.runtime import Runtime
-from tta_runtime.scenes import OOD_SPLITS, SPLITS, TEST_SEED, TRAIN_SEED, VAL_SEED, generate_scenes
-from tta_runtime.segmenter import SlotSegmenter, images_to_tensor, segmentation_masks
+from tta_runtime.data.scenes import OOD_SPLITS, SPLITS, TEST_SEED, TRAIN_SEED, VAL_SEED, generate_scenes
+from tta_runtime.models.segmenter import SlotSegmenter, images_to_tensor, segmentation_masks
 from tta_runtime.visual import line_plot, panel, save_png
 
 MODEL = "slot-shapes-32"

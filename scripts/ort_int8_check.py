@@ -23,7 +23,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from tta_runtime import Runtime
-from tta_runtime.pruning import interleaved_latency
+from tta_runtime.prune.ftwt import interleaved_latency
 
 
 def main(calls: int = 40) -> dict:

@@ -9,8 +9,8 @@ split and over the OOD splits. Used to set models/slot-shapes-32 (scripts/ship_d
 """
 import sys, torch, numpy as np
 import tta_runtime as tta
-from tta_runtime.segmenter import images_to_tensor
-from tta_runtime.scenes import generate_scenes, OOD_SPLITS, VAL_SEED
+from tta_runtime.models.segmenter import images_to_tensor
+from tta_runtime.data.scenes import generate_scenes, OOD_SPLITS, VAL_SEED
 from tta_runtime.metrics import fg_ari
 torch.set_num_threads(1)
 folder, n_ood, n_in = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

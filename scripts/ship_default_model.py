@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tta_runtime.segmenter import SlotSegmenter
-from tta_runtime.train import TrainConfig, validate_model, write_model_folder
+from tta_runtime.models.segmenter import SlotSegmenter
+from tta_runtime.training.slot import TrainConfig, validate_model, write_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs"

@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 import tta_runtime
-from tta_runtime.bench_tta import TUNING_SEED
-from tta_runtime.digits import CORRUPTIONS, corrupt, load_digits
+from tta_runtime.evaluation.bench_tta import TUNING_SEED
+from tta_runtime.data.digits import CORRUPTIONS, corrupt, load_digits
 
 # Stage 1 picks the BatchNorm prior with bn_stats; stage 2 (PRIOR=<best>) the learning rates at that prior.
 PRIOR = float(os.environ.get("PRIOR", "16"))

@@ -23,7 +23,7 @@ import torch
 
 import tta_runtime as tta
 from tta_runtime.metrics import fg_ari
-from tta_runtime.scenes import OOD_SPLITS, VAL_SEED, generate_scenes
+from tta_runtime.data.scenes import OOD_SPLITS, VAL_SEED, generate_scenes
 
 COS = {"lr_schedule": "cosine", "warmup_steps": 5, "lr_final_fraction": 0.1}
 NOENC = {"params": "no_encoder"}

@@ -15,8 +15,8 @@ import numpy as np
 
 import tta_runtime as tta
 from tta_runtime.metrics import fg_ari
-from tta_runtime.scenes import generate_scenes
-from tta_runtime.train import VAL_SEED
+from tta_runtime.data.scenes import generate_scenes
+from tta_runtime.training.slot import VAL_SEED
 
 CANDIDATES: dict[str, dict[str, object]] = {
     "faithful_150": dict(recipe="slot_tta"),

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import tta_runtime
 from tta_runtime.config import ModelCard, Preprocessing, SegmenterConfig, WeightsSpec
 from tta_runtime.hub import sha256_file
-from tta_runtime.scenes import generate_scene
+from tta_runtime.data.scenes import generate_scene
 
 SCENE_SIZE = 32
 
@@ -118,7 +118,7 @@ TINY_SEGMENTER = SegmenterConfig(
 @pytest.fixture
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A model folder (card.json + weights.safetensors) of a randomly initialised 16x16, 3-slot model."""
-    from tta_runtime.segmenter import SlotSegmenter
+    from tta_runtime.models.segmenter import SlotSegmenter
 
     folder = tmp_path_factory.mktemp("tiny-model")
     with torch.random.fork_rng():  # seeded init without moving the session's global generator

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta_runtime
-from tta_runtime.methods import METHODS, SlotReconstruction
+from tta_runtime.adapt.methods import METHODS, SlotReconstruction
 
 RECIPES = ("slot_tta", "entropy", "slot_tta_fast")
 
@@ -187,7 +187,7 @@ def test_continual_runtime_stays_continual_when_a_call_switches_recipe(state, oo
 
 
 def _adapted_elements(model: torch.nn.Module, spec: str) -> dict[str, torch.Tensor]:
-    from tta_runtime.adapt import select_parameters
+    from tta_runtime.adapt.loop import select_parameters
 
     return {n: p.detach().clone() for n, p in select_parameters(model, spec).items()}
 
@@ -429,7 +429,7 @@ def test_unknown_method_at_load_names_the_closest():
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
-    from tta_runtime.adapt import lr_at
+    from tta_runtime.adapt.loop import lr_at
     from tta_runtime.hub import load_recipe
 
     cfg = load_recipe("slot_tta", lr=1e-3, steps=20, warmup_steps=4, lr_schedule="cosine", lr_final_fraction=0.1)

@@ -19,7 +19,7 @@ from tta_runtime.errors import ConfigError, InvalidInputError
 pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX Runtime backend needs onnxruntime (dev extra)")
 
-from tta_runtime.backends import (  # noqa: E402 - after the importorskips
+from tta_runtime.deploy.backends import (  # noqa: E402 - after the importorskips
     BackendUnavailableError,
     OnnxRuntimeBackend,
     OrtFrozenPath,
@@ -38,8 +38,8 @@ from tta_runtime.backends import (  # noqa: E402 - after the importorskips
     refit_plan,
     resolve_providers,
 )
-from tta_runtime.export import ExportError, export, load_manifest, manifest_path  # noqa: E402
-from tta_runtime.segmenter import segmentation_masks  # noqa: E402
+from tta_runtime.deploy.export import ExportError, export, load_manifest, manifest_path  # noqa: E402
+from tta_runtime.models.segmenter import segmentation_masks  # noqa: E402
 
 S = 32
 ROOT = pathlib.Path(__file__).resolve().parents[1]

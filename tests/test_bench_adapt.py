@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from tta_runtime.adapt import Adapter
-from tta_runtime.batched_adapt import BatchedAdapter, ExecutionOptions, adam_update
-from tta_runtime.bench_adapt import bench_adapt, build_configs
-from tta_runtime.cli import main
+from tta_runtime.adapt.loop import Adapter
+from tta_runtime.adapt.batched import BatchedAdapter, ExecutionOptions, adam_update
+from tta_runtime.evaluation.bench_adapt import bench_adapt, build_configs
+from tta_runtime.cli.main import main
 from tta_runtime.config import AdaptConfig
 from tta_runtime.errors import ConfigError, UnknownNameError
 from tta_runtime.hub import load_optimizer_state, load_recipe
-from tta_runtime.scenes import generate_scenes
-from tta_runtime.segmenter import images_to_tensor, segmentation_masks
+from tta_runtime.data.scenes import generate_scenes
+from tta_runtime.models.segmenter import images_to_tensor, segmentation_masks
 
 # In float64 the two paths agree to far below any visible difference. (In float32 they agree to a few
 # ulps per step, but Adam divides each gradient by its own magnitude, so a weight whose gradient is

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_runtime.classifier import (
+from tta_runtime.models.classifier import (
     AdaptiveBatchNorm2d,
     ClassifierOutput,
     build_classifier,
@@ -19,7 +19,7 @@ from tta_runtime.classifier import (
     set_norm_mode,
 )
 from tta_runtime.config import ClassifierConfig
-from tta_runtime.digits import LABELS, corrupt, load_digits
+from tta_runtime.data.digits import LABELS, corrupt, load_digits
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
 from tta_runtime.hub import find_model, load_card, load_weights
 

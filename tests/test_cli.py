@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tta_runtime.train as train_mod
+import tta_runtime.training.slot as train_mod
 from tta_runtime import Runtime
-from tta_runtime.cli import main
-from tta_runtime.evaluate import strip_timing
+from tta_runtime.cli.main import main
+from tta_runtime.evaluation.segmentation import strip_timing
 from tta_runtime.hub import DEFAULT_MODEL, find_model, list_recipes, load_card, sample_image_path, sha256_file
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tta_runtime.digits import (
+from tta_runtime.data.digits import (
     BENCHMARK_CORRUPTIONS,
     CORRUPTION_NAMES,
     CORRUPTIONS,

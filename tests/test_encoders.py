@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import tta_runtime
-from tta_runtime.digits import corrupt, load_digits
+from tta_runtime.data.digits import corrupt, load_digits
 from tta_runtime.errors import ConfigError, ModelLoadError
 
 

@@ -19,7 +19,7 @@ from tta_runtime.errors import ConfigError, TTARuntimeError
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
 ort = pytest.importorskip("onnxruntime", reason="parity checks run on ONNX Runtime (dev extra)")
 
-from tta_runtime.export import (  # noqa: E402 - after the importorskips
+from tta_runtime.deploy.export import (  # noqa: E402 - after the importorskips
     MAX_OPSET,
     MIN_OPSET,
     TOLERANCES,
@@ -32,9 +32,9 @@ from tta_runtime.export import (  # noqa: E402 - after the importorskips
     verify,
     write_weights,
 )
-from tta_runtime.cli_export import add_cli  # noqa: E402
+from tta_runtime.cli.export import add_cli  # noqa: E402
 from tta_runtime.hub import sha256_file  # noqa: E402
-from tta_runtime.segmenter import segmentation_masks  # noqa: E402
+from tta_runtime.models.segmenter import segmentation_masks  # noqa: E402
 
 S = 32  # the shipped model's input size
 
@@ -213,7 +213,7 @@ def test_written_weights_reproduce_the_adapted_model(tmp_path, ood_image) -> Non
 
 
 def _torch_predictor_from(state: dict, rt: tta_runtime.Runtime, x: torch.Tensor) -> dict[str, np.ndarray]:
-    from tta_runtime.segmenter import SlotSegmenter
+    from tta_runtime.models.segmenter import SlotSegmenter
 
     model = SlotSegmenter(rt.card.segmenter)
     model.load_state_dict(state)
@@ -318,9 +318,9 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli_export_uses_the_same_argument_names(tiny_model_dir, tmp_path, capsys) -> None:
-    from tta_runtime.cli import _CLI_MODULES
+    from tta_runtime.cli.main import _CLI_MODULES
 
-    assert "tta_runtime.cli_export" in _CLI_MODULES  # the export commands live in their CLI module
+    assert "tta_runtime.cli.export" in _CLI_MODULES  # the export commands live in their CLI module
     out = tmp_path / "tiny.onnx"
     rc = _cli(["export", str(tiny_model_dir), "--format", "onnx", "--part", "predictor_ood", "--out", str(out),
                "--dynamic", "batch=1:4", "--opset", "13", "--batch", "2", "--device", "cpu"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
-from tta_runtime.feedforward import (
+from tta_runtime.training.feedforward import (
     FeedForwardConfig,
     FeedForwardTrainConfig,
     UNetSegmenter,
@@ -25,8 +25,8 @@ from tta_runtime.feedforward import (
     save_feedforward,
     train_feedforward,
 )
-from tta_runtime.scenes import generate_scenes
-from tta_runtime.train import to_tensor
+from tta_runtime.data.scenes import generate_scenes
+from tta_runtime.training.slot import to_tensor
 
 TINY = FeedForwardConfig(resolution=16, num_slots=3, base_channels=8, depth=2)
 TINY_TRAINABLE = TINY.model_copy(update={"num_slots": 5})

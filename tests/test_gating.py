@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import tta_runtime as tta
-from tta_runtime.cli import main
+from tta_runtime.cli.main import main
 from tta_runtime.hub import find_model
-from tta_runtime.scenes import generate_scene
+from tta_runtime.data.scenes import generate_scene
 
 
 @pytest.fixture(scope="module")

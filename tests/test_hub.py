@@ -25,8 +25,8 @@ from tta_runtime.hub import (
     load_recipe,
     sha256_file,
 )
-from tta_runtime.methods import METHODS
-from tta_runtime.segmenter import SlotSegmenter
+from tta_runtime.adapt.methods import METHODS
+from tta_runtime.models.segmenter import SlotSegmenter
 
 TINY = SegmenterConfig(
     resolution=16, num_slots=3, slot_dim=16, encoder_channels=8, encoder_layers=2, decoder_width=16, decoder_blocks=1

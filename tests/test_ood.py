@@ -24,11 +24,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tta_runtime import ood
 from tta_runtime.config import SegmenterConfig
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
-from tta_runtime.evaluate import TEST_SEED
+from tta_runtime.evaluation.segmentation import TEST_SEED
 from tta_runtime.ood import OODFeatures
 from tta_runtime.registry import Registry
-from tta_runtime.segmenter import SegmenterOutput, SlotSegmenter
-from tta_runtime.train import VAL_SEED, to_tensor
+from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter
+from tta_runtime.training.slot import VAL_SEED, to_tensor
 
 TOL = 1e-5
 N_FIT, N_TEST, D, C = 200, 24, 8, 5
@@ -479,7 +479,7 @@ def test_shipped_model_scores_textured_background_higher(runtime) -> None:
     shifted = ood.scene_features(model, "textured_background", 24, TEST_SEED)
     assert scorer.score(shifted).mean() > scorer.score(in_dist).mean()
     # the runtime's path: torch features of one image give the same score
-    from tta_runtime.scenes import generate_scenes
+    from tta_runtime.data.scenes import generate_scenes
 
     x = to_tensor(generate_scenes("textured_background", 1, TEST_SEED, size=runtime.input_size)[0])
     with torch.inference_mode():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import tta_runtime
-from tta_runtime.digits import corrupt, load_digits
+from tta_runtime.data.digits import corrupt, load_digits
 from tta_runtime.hub import find_model
 from tta_runtime.ood import CLASSIFIER_SCORERS, load_calibration, save_calibration
-from tta_runtime.ood_classifier import eval_ood_classifier, fit_ood_classifier
+from tta_runtime.evaluation.ood_classifier import eval_ood_classifier, fit_ood_classifier
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_every_classifier_scorer_is_fitted_and_thresholded_at_95_percent_tpr(cal
     folder, cals = calibrated
     assert set(cals) == set(CLASSIFIER_SCORERS)
     rt = tta_runtime.Runtime.from_pretrained(folder, load_calibration=False)
-    from tta_runtime.ood_classifier import classifier_features
+    from tta_runtime.evaluation.ood_classifier import classifier_features
 
     val, _ = load_digits("val")
     feats = classifier_features(rt.model, val)

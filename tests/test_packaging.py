@@ -71,7 +71,7 @@ def test_wheel_contents(wheel: pathlib.Path):
     assert not any(n.startswith(("models/", "adapters/", "tests/", "runs/")) for n in names)
     # Entry point for the CLI.
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "tta-runtime = tta_runtime.cli:main" in entry
+    assert "tta-runtime = tta_runtime.cli.main:main" in entry
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tta_runtime.classifier import build_classifier, set_norm_mode
+from tta_runtime.models.classifier import build_classifier, set_norm_mode
 from tta_runtime.config import ClassifierConfig
 from tta_runtime.errors import ConfigError
-from tta_runtime.pruning import (
+from tta_runtime.prune.ftwt import (
     FTWTClassifier,
     GatheredClassifier,
     BucketedClassifier,
@@ -203,7 +203,7 @@ def _variant_folder(tmp_path):
 
     folder = tmp_path / "digits-cnn-bn"
     shutil.copytree(find_model("digits-cnn-bn"), folder, ignore=shutil.ignore_patterns("prune"))
-    from tta_runtime.classifier import load_classifier
+    from tta_runtime.models.classifier import load_classifier
 
     backbone, _ = load_classifier(folder)
     ftwt = FTWTClassifier(backbone)
@@ -217,7 +217,7 @@ def _variant_folder(tmp_path):
 
 def test_runtime_loads_a_pruned_variant_and_adapts_with_fixed_masks(tmp_path) -> None:
     from tta_runtime import Runtime
-    from tta_runtime.digits import corrupt, load_digits
+    from tta_runtime.data.digits import corrupt, load_digits
     from tta_runtime.errors import ModelLoadError
 
     folder, model = _variant_folder(tmp_path)
@@ -263,7 +263,7 @@ def test_a_variant_made_from_other_weights_is_refused(tmp_path) -> None:
 
 def test_buckets_and_onnx_paths_match_pytorch() -> None:
     pytest.importorskip("onnxruntime")
-    from tta_runtime.bench_prune import _GatherGraph, ort_session
+    from tta_runtime.evaluation.bench_prune import _GatherGraph, ort_session
 
     ftwt = _tiny()
     for p in ftwt.predictors:  # input-dependent decisions
@@ -300,7 +300,7 @@ def test_cli_bench_prune_writes_report_plot_and_variant(tmp_path, capsys) -> Non
     import json
     import shutil
 
-    from tta_runtime.cli import main
+    from tta_runtime.cli.main import main
     from tta_runtime.hub import find_model
 
     folder = tmp_path / "digits-cnn-bn"

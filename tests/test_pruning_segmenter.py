@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tta_runtime.adapt import Adapter
+from tta_runtime.adapt.loop import Adapter
 from tta_runtime.config import AdaptConfig, SegmenterConfig
 from tta_runtime.errors import ConfigError, InvalidInputError
-from tta_runtime.pruning import build_pruned, load_prune_card, pruned_variants
-from tta_runtime.pruning_segmenter import (
+from tta_runtime.prune.ftwt import build_pruned, load_prune_card, pruned_variants
+from tta_runtime.prune.segmenter import (
     PrunedSegmenter,
     encoder_macs,
     encoder_predictor_macs,
@@ -17,7 +17,7 @@ from tta_runtime.pruning_segmenter import (
     pruned_units,
     train_ftwt_segmenter,
 )
-from tta_runtime.segmenter import SlotSegmenter, reconstruction_loss
+from tta_runtime.models.segmenter import SlotSegmenter, reconstruction_loss
 
 CFG = SegmenterConfig(
     resolution=16, num_slots=5, slot_dim=16, iters=2, encoder_channels=8, encoder_layers=4, encoder_kernel=3,
@@ -250,8 +250,8 @@ def test_shipped_segmenter_variant_loads_strictly() -> None:
         assert isinstance(model, PrunedSegmenter)
         model.load_state_dict(load_weights(folder / "prune" / name, card, prune.weights), strict=True)
         model.eval()
-        from tta_runtime.scenes import generate_scenes
-        from tta_runtime.segmenter import images_to_tensor
+        from tta_runtime.data.scenes import generate_scenes
+        from tta_runtime.models.segmenter import images_to_tensor
 
         images, _ = generate_scenes("in_dist", 4, seed=1000, size=card.segmenter.resolution)
         with torch.no_grad():

@@ -425,7 +425,7 @@ def test_mask_source_attention_makes_the_attention_maps_the_segmentation(tiny_mo
 
     import torch
 
-    from tta_runtime.segmenter import images_to_tensor, segmentation_masks
+    from tta_runtime.models.segmenter import images_to_tensor, segmentation_masks
 
     folder = tmp_path / "tiny-attn"
     shutil.copytree(tiny_model_dir, folder)
@@ -461,7 +461,7 @@ def test_mask_source_product_is_the_renormalised_product_of_decoder_and_attentio
 
     import torch
 
-    from tta_runtime.segmenter import images_to_tensor
+    from tta_runtime.models.segmenter import images_to_tensor
 
     folder = tmp_path / "tiny-product"
     shutil.copytree(tiny_model_dir, folder)

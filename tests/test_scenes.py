@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tta_runtime.errors import ConfigError, UnknownNameError
-from tta_runtime.scenes import (
+from tta_runtime.data.scenes import (
     OOD_SPLITS,
     SPLITS,
     Scene,

@@ -9,7 +9,7 @@ import pytest
 
 import tta_runtime as tta
 from tta_runtime.config import AdaptConfig
-from tta_runtime.evaluate import evaluate_split
+from tta_runtime.evaluation.segmentation import evaluate_split
 from tta_runtime.hub import find_model
 
 EVAL_JSON = find_model(None) / "eval.json"

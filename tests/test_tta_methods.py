@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import tta_runtime
-from tta_runtime.digits import corrupt, load_digits
+from tta_runtime.data.digits import corrupt, load_digits
 from tta_runtime.errors import ConfigError
-from tta_runtime.methods import MethodContext, get_method
-from tta_runtime.methods.memo import augment
-from tta_runtime.methods.rotation import rotations
+from tta_runtime.adapt.methods import MethodContext, get_method
+from tta_runtime.adapt.methods.memo import augment
+from tta_runtime.adapt.methods.rotation import rotations
 
 CLASSIFIER_RECIPES = ["bn_stats", "tent", "eata", "sar", "memo", "rotation"]
 
@@ -188,7 +188,7 @@ def test_a_method_for_the_other_kind_of_model_is_refused(ood_image):
 
 
 def test_bench_tta_writes_json_and_plot(tmp_path):
-    from tta_runtime.cli import main
+    from tta_runtime.cli.main import main
 
     out = tmp_path / "tta.json"
     rc = main([

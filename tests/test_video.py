@@ -21,7 +21,7 @@ import pytest
 
 import tta_runtime as tta
 from tta_runtime import video
-from tta_runtime.cli import main
+from tta_runtime.cli.main import main
 from tta_runtime.video import (
     CollapseMonitor,
     SceneCutDetector,
@@ -31,7 +31,7 @@ from tta_runtime.video import (
     load_ground_truth,
     stream,
 )
-from tta_runtime.video_gen import SHIFT_KINDS, make_shifted_video, shifted_frames
+from tta_runtime.data.video import SHIFT_KINDS, make_shifted_video, shifted_frames
 
 READER = "tta-stream-reader"
 

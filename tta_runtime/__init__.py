@@ -11,12 +11,12 @@ images); optional backends are imported when first used.
 
 from __future__ import annotations
 
-from .adapt import AdaptationReport
-from .config import AdaptConfig, ModelCard
-from .errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
-from .hub import list_models, list_recipes, load_recipe, sample_image_path
-from .result import Result
-from .runtime import Runtime
+from tta_runtime.adapt.loop import AdaptationReport
+from tta_runtime.config import AdaptConfig, ModelCard
+from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
+from tta_runtime.hub import list_models, list_recipes, load_recipe, sample_image_path
+from tta_runtime.result import Result
+from tta_runtime.runtime import Runtime
 
 __version__ = "0.1.0"
 

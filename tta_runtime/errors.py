@@ -31,3 +31,11 @@ class UnknownNameError(TTARuntimeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(ConfigError):
+    """An optional backend (package, provider or device) that a request names is not available here."""
+
+
+class MissingExtraError(BackendUnavailableError, ImportError):
+    """An optional package is not installed; the message names the extra (or package) to install."""

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .config import AdaptConfig, ModelCard, WeightsSpec, validate
-from .errors import ConfigError, ModelLoadError, UnknownNameError
-from .registry import unknown_name_message
+from tta_runtime.config import AdaptConfig, ModelCard, WeightsSpec, validate
+from tta_runtime.errors import ConfigError, ModelLoadError, UnknownNameError
+from tta_runtime.registry import unknown_name_message
 
 DEFAULT_MODEL = "slot-shapes-32"
 CARD_FILE = "card.json"

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidInputError
+from tta_runtime.errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 """Largest accepted image, in pixels (H * W), unless the ``max_pixels`` runtime option raises it."""

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import UnknownNameError
+from tta_runtime.errors import UnknownNameError
 
 T = TypeVar("T")
 

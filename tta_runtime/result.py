@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .adapt import AdaptationReport
+from tta_runtime.adapt.loop import AdaptationReport
 
 
 def _empty(*shape: int, dtype: type = np.float32) -> Any:
@@ -68,7 +68,7 @@ class Result:
 
     def overlay(self, alpha: float = 0.5, outlines: bool = True) -> np.ndarray:
         """(H, W, 3) uint8 RGB: the input with each slot's region tinted and outlined."""
-        from .visual import overlay_masks
+        from tta_runtime.visual import overlay_masks
 
         return overlay_masks(self.image, self.masks, alpha=alpha, outlines=outlines)
 

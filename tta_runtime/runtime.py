@@ -29,42 +29,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapt import AdaptationReport, Adapter, StepCallback
-from .config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
-from .errors import ConfigError, InvalidInputError, ModelLoadError
-from .hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
-from .inputs import PreparedImage, prepare_image, resize_image, resize_masks, split_batch
-from .ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output, load_calibration
-from .pruning import PRUNE_DIR, build_pruned, load_prune_card
-from .registry import unknown_name_message
-from .result import Result
-from .segmenter import SegmenterOutput, SlotSegmenter, segmentation_masks
+from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback
+from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
+from tta_runtime.device import resolve_device
+from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
+from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
+from tta_runtime.inputs import PreparedImage, prepare_image, resize_image, resize_masks, split_batch
+from tta_runtime.ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output, load_calibration
+from tta_runtime.prune.ftwt import PRUNE_DIR, build_pruned, load_prune_card
+from tta_runtime.registry import unknown_name_message
+from tta_runtime.result import Result
+from tta_runtime.models.build import build_model
+from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, segmentation_masks
 
 log = logging.getLogger(__name__)
 
 OODInfo = tuple[float, str, "bool | None", float]  # (score, scorer, is_ood, recon_mse) of one image
 _RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
-
-
-def resolve_device(name: str, allowed: tuple[str, ...] = ("cpu", "cuda", "mps")) -> torch.device:
-    """The requested device, or a clear error: never a silent fallback to the CPU.
-
-    `allowed`: the device types the caller supports (export and the GPU benchmarks: cpu and cuda only).
-    """
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {name!r} is not a torch device name ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use device='cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} requested but MPS is not available here; use device='cpu'")
-    if device.type not in allowed:
-        raise ConfigError(f"device type {device.type!r} is not supported here; use one of {', '.join(map(repr, allowed))}")
-    return device
 
 
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,7 +93,7 @@ class Runtime:
         if self.options.backend == "onnxruntime":
             if self.task != "segmentation":
                 raise ConfigError("backend='onnxruntime' supports the slot segmenter only for now; use backend='torch'")
-            from .backends import OrtFrozenPath, OrtOptions, providers_for_device
+            from tta_runtime.deploy.backends import OrtFrozenPath, OrtOptions, providers_for_device
 
             self._ort = OrtFrozenPath(
                 self.model, card, calibration=self.calibration, providers=providers_for_device(self.device),
@@ -138,7 +120,7 @@ class Runtime:
         else:
             model, state = build_model(card), load_weights(folder, card)
         if card.external is not None:
-            from .encoders import load_into
+            from tta_runtime.models.encoders import load_into
 
             load_into(model, state, str(folder))  # type: ignore[arg-type]
         else:
@@ -163,9 +145,9 @@ class Runtime:
         naming it); `weights`: .safetensors, or a state dict read with `torch.load(weights_only=True)`.
         Mismatched keys or shapes raise `ModelLoadError` naming them. `overrides` as in `from_pretrained`.
         """
-        from .config import ExternalConfig, Preprocessing, WeightsSpec
-        from .encoders import build_external, load_into, load_state_dict_file
-        from .hub import sha256_file
+        from tta_runtime.config import ExternalConfig, Preprocessing, WeightsSpec
+        from tta_runtime.models.encoders import build_external, load_into, load_state_dict_file
+        from tta_runtime.hub import sha256_file
 
         ext = validate(ExternalConfig, {"source": source, "name": name, "num_classes": num_classes, "resolution": input_size}, "architecture")
         model = build_external(ext)  # first: a missing extra is the first thing to say
@@ -265,7 +247,7 @@ class Runtime:
     ) -> list[Result]:
         """The recipe's [execution]: the images that pass the gate are adapted all at once, each with its own
         weights (`BatchedAdapter`), in chunks of `execution.batch_size`; the model's weights stay untouched."""
-        from .batched_adapt import BatchedAdapter
+        from tta_runtime.adapt.batched import BatchedAdapter
 
         if on_step is not None:
             raise ConfigError("on_step is called by the one-image loop; batched execution has no per-step callback: "
@@ -345,14 +327,14 @@ class Runtime:
         dynamic, opset, batch, device, workspace (see `tta_runtime.export.export`). Returns an
         `ExportResult` (paths, manifest with the tolerances met).
         """
-        from .export import export
+        from tta_runtime.deploy.export import export
 
         with self._lock:
             return export(self.model, self.card, format, path, part=part, calibration=self.calibration, **options)
 
     def stream(self, source: Any, **options: Any) -> Any:
         """Per-frame Results over a video file, webcam index, URL or iterable of frames (see `tta_runtime.video.stream`)."""
-        from .video import stream
+        from tta_runtime.video import stream
 
         return stream(self, source, **options)
 
@@ -618,16 +600,3 @@ def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Mo
     except RuntimeError as e:
         raise ModelLoadError(f"weights of pruned variant {name!r} do not fit {card.name!r}: {e}") from None
     return model, state
-
-
-def build_model(card: ModelCard) -> torch.nn.Module:
-    """The card's architecture with freshly initialised weights (load the state dict after)."""
-    if card.external is not None:
-        from .encoders import build_external
-
-        return build_external(card.external)
-    if card.task == "classification":
-        from .classifier import build_classifier
-
-        return build_classifier(card.classifier)
-    return SlotSegmenter(card.segmenter)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .inputs import _import_cv2
+from tta_runtime.inputs import _import_cv2
 
 # 12 hand-picked colours that stay apart from each other and from white (outlines) and black (background);
 # after these, hues step by the golden ratio so that consecutive slots are far apart on the colour wheel.

@@ -1,8 +1,8 @@
 import sys, torch, logging
 from pathlib import Path
-from tta_runtime.train import TrainConfig, train
-from tta_runtime.segmenter import SlotSegmenter
-from tta_runtime import checkpoint
+from tta_runtime.training.slot import TrainConfig, train
+from tta_runtime.models.segmenter import SlotSegmenter
+from tta_runtime.training import checkpoint
 logging.basicConfig(level=logging.INFO)
 run = Path(sys.argv[1]); attn = float(sys.argv[2]); steps = int(sys.argv[3])
 old = torch.load("/work/long/run/ckpt.pt", map_location="cpu", weights_only=True)

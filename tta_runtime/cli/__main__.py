@@ -1,0 +1,5 @@
+import sys
+
+from tta_runtime.cli.main import main
+
+sys.exit(main())

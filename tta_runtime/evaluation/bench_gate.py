@@ -1,0 +1,112 @@
+"""Benchmarks that write JSON: figures are ratios measured in one run, on whatever device runs them.
+
+`bench_gate`: OOD-gated adaptation on a mixed stream (half in-distribution, half shifted scenes).
+The same images go through an always-adapting runtime and a `when_ood` one; the JSON reports the
+gated run's share of the adaptation compute (steps and seconds) and of the segmentation gain.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tta_runtime.evaluation.segmentation import TEST_SEED, _one_thread
+from tta_runtime.metrics import fg_ari
+from tta_runtime.runtime import Runtime
+from tta_runtime.data.scenes import generate_scenes
+
+
+def mixed_stream(n_images: int, shifts: Sequence[str], *, seed: int, size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """`n_images` in-distribution scenes interleaved with `n_images` shifted ones (cycling over `shifts`)."""
+    ind, ind_truth = generate_scenes("in_dist", n_images, seed=seed, size=size)
+    shifted = []
+    for i in range(n_images):
+        split = shifts[i % len(shifts)]
+        img, truth = generate_scenes(split, 1, seed=seed, size=size, start=i)
+        shifted.append((split, img[0], truth[0]))
+    stream: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for i in range(n_images):
+        stream.append(("in_dist", ind[i], ind_truth[i]))
+        stream.append(shifted[i])
+    return stream
+
+
+def bench_gate(
+    model: str | None = None, *, n_images: int = 8, shifts: Sequence[str] = ("textured_background", "unseen_colours"),
+    recipe: str | None = None, steps: int | None = None, seed: int = TEST_SEED, progress: bool = False,
+    scorer: str | None = None,
+) -> dict[str, Any]:
+    """Always-adapt vs `adapt="when_ood"` on one mixed stream; needs a calibrated model (`ood fit`).
+    `recipe`: default the model card's default_recipe; `scorer`: the calibrated scorer that gates (default:
+    the runtime's, reconstruction error)."""
+    extra: dict[str, Any] = {} if steps is None else {"steps": steps}
+    if recipe is not None:
+        extra["recipe"] = recipe
+    always = Runtime.from_pretrained(model, **extra)
+    gated = Runtime.from_pretrained(model, adapt="when_ood", ood_scorer=scorer, **extra)
+    stream = mixed_stream(n_images, shifts, seed=seed, size=always.input_size)
+    rows = []
+    with _one_thread():  # like `eval`: numbers independent of the machine's core count
+        for split, image, truth in tqdm(stream, desc="stream", disable=not progress):
+            before = always.predict(image)
+            t = time.perf_counter()
+            a = always.adapt_and_predict(image)
+            t_always = time.perf_counter() - t
+            t = time.perf_counter()
+            g = gated.adapt_and_predict(image)
+            t_gated = time.perf_counter() - t
+            rows.append({
+                "split": split, "is_ood": g.is_ood, "ood_score": g.ood_score,
+                "fg_ari_before": fg_ari(truth, before.segmentation),
+                "fg_ari_always": fg_ari(truth, a.segmentation), "fg_ari_gated": fg_ari(truth, g.segmentation),
+                "steps_always": a.adaptation.steps_run, "steps_gated": g.adaptation.steps_run,
+                "seconds_always": t_always, "seconds_gated": t_gated,
+            })
+
+    def total(key: str) -> float:
+        return float(sum(r[key] for r in rows))
+
+    def mean(key: str, split: str | None = None) -> float:
+        vals = [r[key] for r in rows if split is None or (r["split"] == "in_dist") == (split == "in_dist")]
+        return float(np.mean(vals))
+
+    gain_always = mean("fg_ari_always") - mean("fg_ari_before")
+    gain_gated = mean("fg_ari_gated") - mean("fg_ari_before")
+    return {
+        "model": always.name,
+        "recipe": always.recipe.name,
+        "scorer": gated.calibration.scorer if gated.calibration else None,
+        "threshold": gated.calibration.threshold if gated.calibration else None,
+        "stream": {"in_dist": n_images, "shifted": n_images, "shifts": list(shifts), "seed": seed},
+        "flagged": {
+            "in_dist": float(np.mean([r["is_ood"] for r in rows if r["split"] == "in_dist"])),
+            "shifted": float(np.mean([r["is_ood"] for r in rows if r["split"] != "in_dist"])),
+        },
+        "fg_ari": {
+            "before": mean("fg_ari_before"), "always": mean("fg_ari_always"), "when_ood": mean("fg_ari_gated"),
+            "shifted_before": mean("fg_ari_before", "shifted"), "shifted_always": mean("fg_ari_always", "shifted"),
+            "shifted_when_ood": mean("fg_ari_gated", "shifted"),
+        },
+        "gain_always": gain_always,
+        "gain_when_ood": gain_gated,
+        "gain_kept": gain_gated / gain_always if gain_always != 0 else None,
+        "compute_share_steps": total("steps_gated") / max(1.0, total("steps_always")),
+        "compute_share_seconds": total("seconds_gated") / total("seconds_always"),
+        "per_split": {
+            split: {
+                "n": len(rs), "flagged": float(np.mean([r["is_ood"] for r in rs])),
+                "gain_always": float(np.mean([r["fg_ari_always"] - r["fg_ari_before"] for r in rs])),
+                "gain_when_ood": float(np.mean([r["fg_ari_gated"] - r["fg_ari_before"] for r in rs])),
+            }
+            for split in dict.fromkeys(r["split"] for r in rows)
+            for rs in [[r for r in rows if r["split"] == split]]
+        },
+        "per_image": rows,
+        "timing": {"device": str(always.device), "hardware": f"{platform.machine()}, 1 thread, torch {torch.__version__}"},
+    }
