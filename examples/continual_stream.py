@@ -2,8 +2,8 @@
 
     python examples/continual_stream.py [--frames N] [--steps N]
 
-Frames come from the scene generator's textured-background shift (a stand-in for a camera that moved
-somewhere new). Uses only the public API.
+Frames come from the benchmark scene generator's textured-background shift (`tta_runtime.data.scenes`, a
+stand-in for a camera that moved somewhere new); the rest is the public API.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python examples/pruned_classifier.py [--corruption fog] [--n 128]
 
-The pruned variant (models/digits-cnn-bn/prune/r0.6, made by `tta-runtime prune train --r 0.6`) predicts,
+The pruned variant (models/digits-cnn-bn/prune/r0.6, made by `tta-runtime train ftwt --r 0.6`) predicts,
 per input, which channels of each conv to compute; `Result.pruning` says how many it kept and what share of
 the dense multiply-accumulates that cost. Adaptation (BatchNorm statistics of the test batch) runs on top:
 the masks are decided on the adaptation loop's first forward and reused by its steps.

@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the recipe's)")
     args = parser.parse_args()
 
-    rt = tta.Runtime.from_pretrained()  # default model, its card's default recipe (faithful Slot-TTA)
+    rt = tta.Runtime.from_pretrained()  # default model, its card's default recipe (slot_tta_fast)
     image = args.image or tta.sample_image_path()
     before = rt.predict(image)
     overrides = {} if args.steps is None else {"steps": args.steps}

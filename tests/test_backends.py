@@ -19,18 +19,21 @@ from tta_runtime.errors import ConfigError, InvalidInputError
 pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX Runtime backend needs onnxruntime (dev extra)")
 
-from tta_runtime.deploy.backends import (  # noqa: E402 - after the importorskips
+from tta_runtime.deploy import (  # noqa: E402 - after the importorskips
     BackendUnavailableError,
+    ExportError,
     OnnxRuntimeBackend,
     OrtFrozenPath,
     OrtOptions,
     TensorRTBackend,
     TensorRTConfig,
-    bench_backends,
     build_engine,
     cached_engine,
     doctor,
     engine_cache_key,
+    export,
+    load_manifest,
+    manifest_path,
     network_flags,
     plan_engine,
     profile_shapes,
@@ -38,7 +41,7 @@ from tta_runtime.deploy.backends import (  # noqa: E402 - after the importorskip
     refit_plan,
     resolve_providers,
 )
-from tta_runtime.deploy.export import ExportError, export, load_manifest, manifest_path  # noqa: E402
+from tta_runtime.evaluation.bench_backends import bench_backends  # noqa: E402
 from tta_runtime.models.segmenter import segmentation_masks  # noqa: E402
 
 S = 32
@@ -340,8 +343,8 @@ def test_bench_backends_reports_latency_throughput_deviation_and_ratio(tiny_mode
 
 
 def test_committed_backend_benchmark() -> None:
-    """docs/backends_bench.json: written by `tta-runtime bench backends --json docs/backends_bench.json`."""
-    report = json.loads((ROOT / "docs" / "backends_bench.json").read_text())
+    """docs/results/backends_bench.json: written by `tta-runtime bench backends --json docs/results/backends_bench.json`."""
+    report = json.loads((ROOT / "docs" / "results" / "backends_bench.json").read_text())
     assert report["model"] == "slot-shapes-32" and report["threads"] == 1
     for name in ("pytorch_eager_cpu", "onnxruntime_cpu"):
         assert set(report["backends"][name]["batches"]) == {"1", "8"}

@@ -1,7 +1,8 @@
 """The command line: every subcommand run for real, its output files read back, its errors without tracebacks.
 
-Most tests call `tta_runtime.cli.main(argv)` in-process (fast); two run the real entry points in a
-subprocess to check that the installed command and `python -m tta_runtime.cli` behave the same.
+Most tests call `tta_runtime.cli.main.main(argv)` in-process (fast); two run the real entry points in a
+subprocess to check that the installed command and `python -m tta_runtime.cli` behave the same. The
+options every command shares are in test_cli_options.py, every `--help` in test_cli_help.py.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def test_console_script_points_at_main():
     if not script.is_file():
         pytest.skip("the tta-runtime console script is not installed in this environment")
     text = script.read_text()
-    assert "from tta_runtime.cli import main" in text and "main()" in text
+    assert "from tta_runtime.cli.main import main" in text and "main()" in text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ BATCH = 8
 
 def _train_args(tmp: pathlib.Path, steps: int) -> list[str]:
     return [
-        "train", "--out", str(tmp / "m"), "--run-dir", str(tmp / "run"), "--steps", str(steps), "--batch", str(BATCH),
+        "train", "segmenter", "--out", str(tmp / "m"), "--run-dir", str(tmp / "run"), "--steps", str(steps), "--batch", str(BATCH),
         "--resolution", "16", "--slots", "5", "--encoder-channels", "8", "--eval-every", "3", "--ckpt-every", "1",
         "--name", "tiny-trained",
     ]
@@ -317,6 +318,18 @@ def test_train_writes_a_loadable_model_folder(trained: pathlib.Path):
 
 def test_train_card_records_a_runnable_command(trained: pathlib.Path):
     assert load_card(trained / "m").training["command"] == "tta-runtime " + " ".join(_train_args(trained, 3))
+
+
+def test_train_legacy_spelling_resumes_the_same_run(trained: pathlib.Path, tmp_path: pathlib.Path):
+    # `tta-runtime train --out ...` (before the `train` group; shipped cards record it) is `train segmenter`
+    shutil.copytree(trained / "run", tmp_path / "run")
+    legacy = [a for a in _train_args(tmp_path, 3) if a != "segmenter"]
+    assert main(legacy) == 0  # the finished run: nothing left to train, the folder is written
+    assert load_card(tmp_path / "m").training["command"] == "tta-runtime " + " ".join(_train_args(tmp_path, 3))
+    straight = load_file(str(trained / "m" / "weights.safetensors"))
+    again = load_file(str(tmp_path / "m" / "weights.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(again[k], straight[k], rtol=0, atol=0)
 
 
 def test_train_resumes_an_interrupted_run(trained: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):

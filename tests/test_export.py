@@ -3,7 +3,6 @@ every bad request refused with a clear error. Real ONNX Runtime sessions through
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import warnings
@@ -19,12 +18,11 @@ from tta_runtime.errors import ConfigError, TTARuntimeError
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (dev extra)")
 ort = pytest.importorskip("onnxruntime", reason="parity checks run on ONNX Runtime (dev extra)")
 
-from tta_runtime.deploy.export import (  # noqa: E402 - after the importorskips
+from tta_runtime.deploy import (  # noqa: E402 - after the importorskips
     MAX_OPSET,
     MIN_OPSET,
     TOLERANCES,
     ExportError,
-    SegmenterGraph,
     export,
     initializer_map,
     load_manifest,
@@ -32,7 +30,8 @@ from tta_runtime.deploy.export import (  # noqa: E402 - after the importorskips
     verify,
     write_weights,
 )
-from tta_runtime.cli.export import add_cli  # noqa: E402
+from tta_runtime.deploy.kinds import SegmenterGraph  # noqa: E402
+from tta_runtime.cli.main import COMMANDS, main  # noqa: E402
 from tta_runtime.hub import sha256_file  # noqa: E402
 from tta_runtime.models.segmenter import segmentation_masks  # noqa: E402
 
@@ -307,20 +306,12 @@ def test_not_an_onnx_file_is_refused(tmp_path, runtime) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    """Our commands on a parser of their own (cli.py adds them the same way through `add_cli`)."""
-    p = argparse.ArgumentParser(prog="tta-runtime")
-    sub = p.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench").add_subparsers(dest="bench_command", required=True)
-    add_cli(sub, bench)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return int(args.func(args))
+    """The command line as `tta-runtime` runs it."""
+    return main(argv)
 
 
 def test_cli_export_uses_the_same_argument_names(tiny_model_dir, tmp_path, capsys) -> None:
-    from tta_runtime.cli.main import _CLI_MODULES
-
-    assert "tta_runtime.cli.export" in _CLI_MODULES  # the export commands live in their CLI module
+    assert {"export", "doctor", "bench backends"} <= {c.path for c in COMMANDS}
     out = tmp_path / "tiny.onnx"
     rc = _cli(["export", str(tiny_model_dir), "--format", "onnx", "--part", "predictor_ood", "--out", str(out),
                "--dynamic", "batch=1:4", "--opset", "13", "--batch", "2", "--device", "cpu"])
@@ -335,7 +326,7 @@ def test_cli_export_uses_the_same_argument_names(tiny_model_dir, tmp_path, capsy
 
 
 def test_cli_doctor_never_crashes(capsys) -> None:
-    assert _cli(["doctor", "--json"]) == 0
+    assert _cli(["doctor", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["onnxruntime"]["present"] and "CPUExecutionProvider" in report["onnxruntime"]["providers"]
     assert report["torch"]["version"] == torch.__version__ and report["onnx"]["version"] == onnx.__version__

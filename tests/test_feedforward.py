@@ -1,4 +1,5 @@
-"""Tests of tta_runtime.feedforward: the U-Net baseline trains, saves, loads and predicts.
+"""Tests of the U-Net baseline (tta_runtime.models.unet, tta_runtime.training.feedforward): it trains, saves,
+loads and predicts.
 
 Tiny models only (16x16, base 8 channels), so the whole file runs in a few seconds on one thread.
 Training tests use K=5 because in_dist scenes hold up to 4 objects + background and the Hungarian
@@ -15,18 +16,10 @@ import pytest
 import torch
 
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
-from tta_runtime.training.feedforward import (
-    FeedForwardConfig,
-    FeedForwardTrainConfig,
-    UNetSegmenter,
-    feedforward_loss,
-    load_feedforward,
-    predict_segmentation,
-    save_feedforward,
-    train_feedforward,
-)
 from tta_runtime.data.scenes import generate_scenes
-from tta_runtime.training.slot import to_tensor
+from tta_runtime.models.segmenter import images_to_tensor as to_tensor
+from tta_runtime.models.unet import FeedForwardConfig, UNetSegmenter, load_feedforward, predict_segmentation
+from tta_runtime.training.feedforward import FeedForwardTrainConfig, feedforward_loss, save_feedforward, train_feedforward
 
 TINY = FeedForwardConfig(resolution=16, num_slots=3, base_channels=8, depth=2)
 TINY_TRAINABLE = TINY.model_copy(update={"num_slots": 5})

@@ -23,12 +23,19 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from tta_runtime import ood
 from tta_runtime.config import SegmenterConfig
-from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError, TTARuntimeError, UnknownNameError
-from tta_runtime.evaluation.segmentation import TEST_SEED
+from tta_runtime.data.scenes import TEST_SEED, VAL_SEED
+from tta_runtime.errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelLoadError,
+    TTARuntimeError,
+    UnknownNameError,
+)
+from tta_runtime.evaluation import ood as ood_eval
+from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter
+from tta_runtime.models.segmenter import images_to_tensor as to_tensor
 from tta_runtime.ood import OODFeatures
 from tta_runtime.registry import Registry
-from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter
-from tta_runtime.training.slot import VAL_SEED, to_tensor
 
 TOL = 1e-5
 N_FIT, N_TEST, D, C = 200, 24, 8, 5
@@ -439,14 +446,14 @@ def test_mask_disagreement_matches_reference_with_and_without_foreground() -> No
 
 
 def test_fit_and_eval_on_a_tiny_model(tiny_model: SlotSegmenter) -> None:
-    cals = ood.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("recon_error", "mask_entropy", "knn", "mahalanobis"))
+    cals = ood_eval.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("recon_error", "mask_entropy", "knn", "mahalanobis"))
     assert {c.seed for c in cals.values()} == {VAL_SEED} and cals["knn"].n_threshold == 6
-    # Mahalanobis on the encoder features' mean and std (ood.SCORER_EMBEDDINGS), the rest on the mean
+    # Mahalanobis on the encoder features' mean and std (ood_eval.SCORER_EMBEDDINGS), the rest on the mean
     assert cals["mahalanobis"].embedding == "encoder_meanstd" and cals["knn"].embedding == "encoder"
     assert cals["mahalanobis"].state["means"].shape[-1] == 2 * TINY.slot_dim
-    same = ood.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("mahalanobis",), embeddings={})
+    same = ood_eval.fit_ood(tiny_model, n_images=6, n_threshold=6, scorers=("mahalanobis",), embeddings={})
     assert same["mahalanobis"].embedding == "encoder"
-    report = ood.eval_ood(tiny_model, cals, splits=("textured_background", "unseen_shapes"), n_images=4)
+    report = ood_eval.eval_ood(tiny_model, cals, splits=("textured_background", "unseen_shapes"), n_images=4)
     assert report["seed"] == TEST_SEED
     for split in ("textured_background", "unseen_shapes"):
         for name in cals:
@@ -459,9 +466,41 @@ def test_fit_and_eval_on_a_tiny_model(tiny_model: SlotSegmenter) -> None:
         assert top["meets_target"] == (top["auroc"] >= 0.95)
     assert far["meets_target_per_split"] == all(t["meets_target"] for t in far["best_per_split"].values())
     with pytest.raises(ConfigError, match="test seed"):
-        ood.fit_ood(tiny_model, n_images=4, seed=TEST_SEED)
+        ood_eval.fit_ood(tiny_model, n_images=4, seed=TEST_SEED)
     with pytest.raises(ConfigError, match="labels"):
-        ood.fit_ood(tiny_model, n_images=4, scorers=("rmd",))
+        ood_eval.fit_ood(tiny_model, n_images=4, scorers=("rmd",))
+
+
+def test_fit_and_eval_show_one_progress_bar_each(tiny_model: SlotSegmenter, monkeypatch) -> None:
+    """progress=True: one bar per call, over every scene it reads (not one per split or embedding)."""
+    bars = []
+
+    class Bar(ood_eval.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+            bars.append(kwargs)
+
+    monkeypatch.setattr(ood_eval, "tqdm", Bar)
+    cals = ood_eval.fit_ood(tiny_model, n_images=4, n_threshold=3, scorers=("recon_error", "knn", "mahalanobis"), progress=True)
+    assert [b["total"] for b in bars] == [2 * (4 + 3)]  # two embeddings (encoder, encoder_meanstd)
+    bars.clear()
+    ood_eval.eval_ood(tiny_model, cals, splits=("unseen_shapes", "noise_blur"), n_images=2, progress=True)
+    assert [b["total"] for b in bars] == [3 * 2 * 2]
+
+
+def test_calibration_default_seed_is_the_validation_seed() -> None:
+    assert ood.calibration.DEFAULT_SEED == VAL_SEED
+
+
+def test_ood_package_loads_no_lab_code() -> None:
+    """The runtime's OOD code never imports the scene generators, training or evaluation."""
+    import subprocess
+    import sys
+
+    code = "import sys, tta_runtime.ood; print([m for m in sys.modules if m.split('.')[:2] in " \
+           "(['tta_runtime', 'data'], ['tta_runtime', 'training'], ['tta_runtime', 'evaluation'], ['tta_runtime', 'cli'])])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -472,11 +511,11 @@ def test_fit_and_eval_on_a_tiny_model(tiny_model: SlotSegmenter) -> None:
 def test_shipped_model_scores_textured_background_higher(runtime) -> None:
     """Any model of this family reconstructs flat in_dist scenes better than textured backgrounds."""
     model = runtime.model
-    fit = ood.scene_features(model, "in_dist", 4, VAL_SEED)  # a z-score: the comparison below does not depend on it
+    fit = ood_eval.scene_features(model, "in_dist", 4, VAL_SEED)  # a z-score: the comparison below does not depend on it
     scorer = ood.make_scorer("recon_error")
     scorer.fit(fit)
-    in_dist = ood.scene_features(model, "in_dist", 24, TEST_SEED)
-    shifted = ood.scene_features(model, "textured_background", 24, TEST_SEED)
+    in_dist = ood_eval.scene_features(model, "in_dist", 24, TEST_SEED)
+    shifted = ood_eval.scene_features(model, "textured_background", 24, TEST_SEED)
     assert scorer.score(shifted).mean() > scorer.score(in_dist).mean()
     # the runtime's path: torch features of one image give the same score
     from tta_runtime.data.scenes import generate_scenes

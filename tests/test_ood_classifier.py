@@ -9,9 +9,12 @@ import pytest
 
 import tta_runtime
 from tta_runtime.data.digits import corrupt, load_digits
+from tta_runtime.evaluation.ood_classifier import (
+    eval_ood_classifier,
+    fit_ood_classifier,
+)
 from tta_runtime.hub import find_model
 from tta_runtime.ood import CLASSIFIER_SCORERS, load_calibration, save_calibration
-from tta_runtime.evaluation.ood_classifier import eval_ood_classifier, fit_ood_classifier
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""FTWT dynamic pruning (tta_runtime.pruning): targets, FLOPs accounting, mask-multiply and gather paths."""
+"""FTWT dynamic pruning (tta_runtime.prune, tta_runtime.training.ftwt): targets, FLOPs accounting, mask-multiply and gather paths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tta_runtime.models.classifier import build_classifier, set_norm_mode
 from tta_runtime.config import ClassifierConfig
 from tta_runtime.errors import ConfigError
-from tta_runtime.prune.ftwt import (
+from tta_runtime.prune import (
     FTWTClassifier,
     GatheredClassifier,
     BucketedClassifier,
@@ -21,9 +21,9 @@ from tta_runtime.prune.ftwt import (
     pruned_variants,
     save_pruned,
     static_ks,
-    train_ftwt,
     unit_macs,
 )
+from tta_runtime.training import train_ftwt
 
 
 def _tiny(seed: int = 0) -> FTWTClassifier:

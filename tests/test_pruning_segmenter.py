@@ -1,4 +1,4 @@
-"""FTWT pruning of the slot segmenter's encoder (tta_runtime.pruning_segmenter): masks, cost, training, variants."""
+"""FTWT pruning of the slot segmenter's encoder (tta_runtime.prune.segmenter, tta_runtime.training.ftwt): masks, cost, training, variants."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import torch
 from tta_runtime.adapt.loop import Adapter
 from tta_runtime.config import AdaptConfig, SegmenterConfig
 from tta_runtime.errors import ConfigError, InvalidInputError
-from tta_runtime.prune.ftwt import build_pruned, load_prune_card, pruned_variants
-from tta_runtime.prune.segmenter import (
+from tta_runtime.models.segmenter import SlotSegmenter, reconstruction_loss
+from tta_runtime.prune import (
     PrunedSegmenter,
+    build_pruned,
     encoder_macs,
     encoder_predictor_macs,
+    load_prune_card,
     model_macs,
     pruned_units,
-    train_ftwt_segmenter,
+    pruned_variants,
 )
-from tta_runtime.models.segmenter import SlotSegmenter, reconstruction_loss
+from tta_runtime.training import train_ftwt_segmenter
 
 CFG = SegmenterConfig(
     resolution=16, num_slots=5, slot_dim=16, iters=2, encoder_channels=8, encoder_layers=4, encoder_kernel=3,

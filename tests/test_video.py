@@ -11,6 +11,8 @@ import itertools
 import json
 import logging
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,18 +22,18 @@ import numpy as np
 import pytest
 
 import tta_runtime as tta
-from tta_runtime import video
 from tta_runtime.cli.main import main
+from tta_runtime.data.video import SHIFT_KINDS, make_shifted_video, shifted_frames
+from tta_runtime.evaluation.bench_stream import bench_stream
 from tta_runtime.video import (
     CollapseMonitor,
     SceneCutDetector,
     StreamError,
-    _LogHistogram,
-    _Series,
     load_ground_truth,
     stream,
 )
-from tta_runtime.data.video import SHIFT_KINDS, make_shifted_video, shifted_frames
+from tta_runtime.video import sources
+from tta_runtime.video.stats import _LogHistogram, _Series
 
 READER = "tta-stream-reader"
 
@@ -164,6 +166,52 @@ def test_stride_and_max_frames(tiny: tta.Runtime) -> None:
     with stream(tiny, np.stack(frames), adapt="never", max_frames=5) as s:
         assert len(list(s)) == 5
     assert s.stats.stop_reason == "max_frames"
+
+
+def test_progress_is_one_bar_for_the_whole_stream(tiny: tta.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm.auto
+
+    bars: list[_Bar] = []
+
+    class _Bar:
+        def __init__(self, *args, **kwargs) -> None:
+            self.kwargs, self.n, self.closed = kwargs, 0, False
+            bars.append(self)
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bar)
+    with stream(tiny, np.stack(frames_of(6, size=32)), steps_per_frame=1, stride=2, progress=True) as s:
+        assert len(list(s)) == 3
+    assert len(bars) == 1, "one bar for the stream, never one per frame or adaptation step"
+    assert bars[0].kwargs["total"] == 3 and bars[0].n == 3 and bars[0].closed
+    with stream(tiny, frames_of(2, size=32), adapt="never") as s:
+        list(s)
+    assert len(bars) == 1  # progress=False: no bar at all
+
+
+def test_the_stream_loads_nothing_from_the_lab(tiny_model_dir: pathlib.Path) -> None:
+    """A stream over frames imports no data generator, training loop, evaluation or CLI module.
+
+    Measured as what the stream adds to the modules the runtime itself loaded (the runtime's own
+    imports are tested with the runtime)."""
+    code = (
+        "import sys, numpy as np, tta_runtime as tta\n"
+        f"rt = tta.Runtime.from_pretrained({str(tiny_model_dir)!r})\n"
+        "before = set(sys.modules)\n"
+        "from tta_runtime.video import stream\n"
+        "frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)\n"
+        "with stream(rt, frames, steps_per_frame=1, annotate=True) as s:\n"
+        "    assert len(list(s)) == 3\n"
+        "lab = ('tta_runtime.data', 'tta_runtime.training', 'tta_runtime.evaluation', 'tta_runtime.cli')\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith(lab)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +366,7 @@ def test_damaged_frames_inside_a_file_are_skipped(tmp_path: pathlib.Path, tiny: 
         got = list(s)
     # the stream survives the damage and ends cleanly; whatever OpenCV could decode was processed
     assert 0 < len(got) <= 30
-    assert s.stats.frames_processed + s.stats.frames_unreadable <= 30 + video._MAX_BAD_READS
+    assert s.stats.frames_processed + s.stats.frames_unreadable <= 30 + sources._MAX_BAD_READS
     assert s.stats.stop_reason in ("end of file", "truncated or corrupt file")
 
 
@@ -391,7 +439,7 @@ def test_live_source_reconnects_with_backoff_then_gives_up(tiny: tta.Runtime, mo
             raise nxt
         return nxt
 
-    monkeypatch.setattr(video, "_open_capture", fake_open)
+    monkeypatch.setattr(sources, "_open_capture", fake_open)  # the reader looks it up there
     url = "rtsp://user:secret@cam.local/live"
     live = stream(tiny, url, adapt="never")
     assert (live.stats.policy, live.stats.buffer) == ("latest", 1) and "secret" not in live.stats.source  # redacted
@@ -566,6 +614,14 @@ def test_cli_generates_streams_and_compares(tmp_path: pathlib.Path, capsys) -> N
     assert cv2.imread(str(png)) is not None and report["frame_png"]["index"] == 7
     assert main(["stream", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
+
+
+def test_bench_stream_measures_memory_over_a_stream(tiny_model_dir: pathlib.Path) -> None:
+    r = bench_stream(str(tiny_model_dir), frames=12, warmup=4, size=32)
+    assert r["frames_processed"] == 12 and r["frames_written"] == 12 and r["adapt_steps_total"] == 12
+    assert r["peak_rss_mb_after_warmup"] >= r["rss_mb_at_warmup"] > 0 and r["target_growth_mb"] == 50
+    with pytest.raises(tta.ConfigError, match="must exceed warmup"):
+        bench_stream(str(tiny_model_dir), frames=4, warmup=4)
 
 
 def test_cli_bench_stream_reports_rss_growth(tmp_path: pathlib.Path) -> None:

@@ -36,3 +36,8 @@ __all__ = [
     "load_recipe",
     "sample_image_path",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API only (submodules stay importable by name)."""
+    return [*__all__, "__version__"]

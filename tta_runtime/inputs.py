@@ -23,8 +23,8 @@ Accepted inputs
 * PIL images (PIL is only touched when the object comes from PIL). Their order is always RGB, so
   ``channel_order`` is ignored for them too.
 
-OpenCV is needed for resizing and decoding; it is imported on first use so that ``import tta_runtime``
-works without it.
+Files and PIL images are decoded by `tta_runtime.decode`; OpenCV, which resizes and decodes, is imported
+on first use so that ``import tta_runtime`` works without it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tta_runtime.decode import EXPECTED, check_numpy_layout, describe, pil_to_array, read_file
+from tta_runtime.device import import_cv2
 from tta_runtime.errors import InvalidInputError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -45,21 +47,6 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 
 _FLOAT_TOLERANCE = 1e-6  # float images slightly outside [0, 1] from rounding are clipped, not refused
 _CHANNEL_ORDERS = ("rgb", "bgr")
-_EXPECTED = (
-    "expected one image: a numpy HxWxC array (C = 3 RGB, 1 gray, 4 RGBA; or HxW gray) of uint8, uint16 "
-    "or float in [0, 1], a torch tensor (3, H, W) or (1, 3, H, W), a PIL image, or a path to an image file"
-)
-
-
-def _import_cv2() -> ModuleType:
-    """Import OpenCV on first use, with an error that says what to install when it is missing."""
-    try:
-        import cv2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "tta_runtime needs OpenCV to decode and resize images: pip install opencv-python-headless"
-        ) from exc
-    return cv2
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,7 @@ def split_batch(images: Any, *, gray_batches: bool = False) -> list[Any] | None:
     if isinstance(images, np.ndarray):
         if images.ndim == 4:
             if images.shape[0] == 0:
-                raise InvalidInputError(f"got {_describe(images)}; a batch needs at least one image")
+                raise InvalidInputError(f"got {describe(images)}; a batch needs at least one image")
             return list(images)
         if gray_batches and images.ndim == 3 and images.shape[2] not in (1, 3, 4):
             return list(images)
@@ -156,9 +143,9 @@ def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         interpolation per slot, then clipped to >= 0 and renormalised; a pixel where every slot is 0
         becomes uniform 1/K.
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     if not isinstance(masks, np.ndarray) or masks.ndim != 3 or masks.size == 0:
-        raise ValueError(f"masks must be a non-empty (K, h, w) numpy array, got {_describe(masks)}")
+        raise ValueError(f"masks must be a non-empty (K, h, w) numpy array, got {describe(masks)}")
     if masks.dtype.kind not in "fiu":
         raise ValueError(f"masks must be float probabilities, got dtype {masks.dtype}")
     out_h, out_w = _check_size(size, error=ValueError)
@@ -197,7 +184,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         bilinear aliases badly when shrinking by more than 2x).
     """
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
-        raise ValueError(f"image must be a non-empty (h, w, 3) numpy array, got {_describe(image)}")
+        raise ValueError(f"image must be a non-empty (h, w, 3) numpy array, got {describe(image)}")
     if image.dtype.kind not in "fiu":
         raise ValueError(f"image must be a real-valued array, got dtype {image.dtype}")
     out_hw = _check_size(size, error=ValueError)
@@ -214,68 +201,32 @@ def _to_array(image: Any, channel_order: str) -> tuple[np.ndarray, str, str]:
     The array may be a view of the caller's data; later steps only read it.
     """
     if image is None:
-        raise InvalidInputError(f"got None; {_EXPECTED}")
+        raise InvalidInputError(f"got None; {EXPECTED}")
     if isinstance(image, torch.Tensor):
         return _tensor_to_array(image, channel_order)
     if isinstance(image, np.ndarray):
-        return _check_numpy_layout(image, _describe(image)), channel_order, _describe(image)
+        return check_numpy_layout(image, describe(image)), channel_order, describe(image)
     if isinstance(image, (str, os.PathLike)):
-        return _read_file(image)
+        return read_file(image)
     if type(image).__module__.startswith("PIL"):
-        return _pil_to_array(image)
+        return pil_to_array(image)
     if isinstance(image, (list, tuple)):
         raise InvalidInputError(
-            f"got a {type(image).__name__} of length {len(image)}; {_EXPECTED}. "
+            f"got a {type(image).__name__} of length {len(image)}; {EXPECTED}. "
             "For nested lists of pixel values use np.asarray(x, dtype=np.uint8); predict takes one image "
             "at a time, not a list of images"
         )
     if isinstance(image, (bytes, bytearray, memoryview)):
         raise InvalidInputError(
-            f"got {type(image).__name__}; {_EXPECTED}. For encoded image bytes use "
+            f"got {type(image).__name__}; {EXPECTED}. For encoded image bytes use "
             "cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) and channel_order='bgr'"
         )
-    raise InvalidInputError(f"got {_describe(image)}; {_EXPECTED}")
-
-
-def _check_numpy_layout(arr: np.ndarray, what: str) -> np.ndarray:
-    """Check dtype kind, ndim, channel count and emptiness of a numpy image; return it unchanged."""
-    kind = arr.dtype.kind
-    if kind == "b":
-        raise InvalidInputError(
-            f"got {what}; bool images are ambiguous (0/1 or 0/255?): convert to uint8 (x * 255) or float"
-        )
-    if kind == "c":
-        raise InvalidInputError(f"got {what}; complex images are not accepted: pass the real part or abs()")
-    if kind not in "uif":
-        raise InvalidInputError(f"got {what}; numeric pixels are expected (uint8, uint16 or float)")
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        raise InvalidInputError(
-            f"got {what}; numpy images must be HxWxC without a batch axis: pass arr[0]"
-        )
-    if arr.ndim == 4:
-        raise InvalidInputError(
-            f"got {what}; predict takes one image, not a batch of {arr.shape[0]}: pass one HxWxC image"
-        )
-    if arr.ndim not in (2, 3):
-        raise InvalidInputError(f"got {what}; numpy images must be HxWxC (or HxW gray), got {arr.ndim}-D")
-    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4):
-        if arr.shape[0] in (1, 3, 4):
-            raise InvalidInputError(
-                f"got {what}; it looks channels-first; numpy images must be HxWxC — use "
-                "arr.transpose(1, 2, 0)"
-            )
-        raise InvalidInputError(
-            f"got {what}; numpy images must be HxWxC with C = 3 (RGB), 1 (gray) or 4 (RGBA), "
-            f"got C = {arr.shape[2]}"
-        )
-    if arr.size == 0:
-        raise InvalidInputError(f"got {what}; the image is empty (a zero-sized axis)")
-    return arr
+    raise InvalidInputError(f"got {describe(image)}; {EXPECTED}")
 
 
 def _tensor_to_array(tensor: torch.Tensor, channel_order: str) -> tuple[np.ndarray, str, str]:
     """A (C, H, W) / (1, C, H, W) / (H, W) tensor -> an (H, W, C) numpy view on the CPU."""
-    what = _describe(tensor)
+    what = describe(tensor)
     t = tensor.detach()
     if t.dtype == torch.bool:
         raise InvalidInputError(
@@ -318,58 +269,6 @@ def _tensor_to_array(tensor: torch.Tensor, channel_order: str) -> tuple[np.ndarr
 _TORCH_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _read_file(path: str | os.PathLike[str]) -> tuple[np.ndarray, str, str]:
-    """Decode an image file with OpenCV; return (H, W) or (H, W, 3) BGR, 8 or 16 bit."""
-    cv2 = _import_cv2()
-    name = os.fspath(path)
-    if not isinstance(name, str):
-        raise InvalidInputError(f"got a bytes path {name!r}; pass the path as str or pathlib.Path")
-    if name == "" or name.isspace():
-        raise InvalidInputError(f"got the string {name!r}, which is not a path; {_EXPECTED}")
-    if not os.path.exists(name):
-        raise InvalidInputError(f"no such file: {name!r}")
-    if os.path.isdir(name):
-        raise InvalidInputError(f"{name!r} is a directory, not an image file")
-    try:
-        # fromfile + imdecode rather than imread: same decoders, but non-ASCII paths work everywhere.
-        data = np.fromfile(name, dtype=np.uint8)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read {name!r}: {exc}") from exc
-    decoded = None
-    if data.size:
-        try:
-            # ANYDEPTH keeps 16-bit files 16-bit; ANYCOLOR keeps gray files gray and drops alpha. Unlike
-            # IMREAD_UNCHANGED, these flags apply the EXIF orientation, so phone photos come out upright.
-            decoded = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-        except cv2.error:
-            decoded = None
-    if decoded is None:
-        raise InvalidInputError(
-            f"{name!r} is not a readable image (PNG, JPEG, BMP, TIFF, WebP, ...): OpenCV could not decode "
-            f"its {data.size} bytes"
-        )
-    what = f"file {name!r} ({decoded.dtype}, shape {tuple(decoded.shape)})"
-    return _check_numpy_layout(decoded, what), "bgr", what
-
-
-# PIL modes whose numpy view is already something _prepare_array understands; everything else (palette,
-# 1-bit, CMYK, YCbCr, LA, ...) is converted to RGB by PIL first.
-_PIL_DIRECT_MODES = ("RGB", "RGBA", "L", "I;16", "I;16L", "I;16B", "I", "F")
-
-
-def _pil_to_array(image: Any) -> tuple[np.ndarray, str, str]:
-    """A PIL image -> (H, W) or (H, W, 3|4) numpy array, RGB."""
-    mode = getattr(image, "mode", None)
-    what = f"PIL image mode={mode!r} size={getattr(image, 'size', None)}"
-    try:
-        if mode not in _PIL_DIRECT_MODES:
-            image = image.convert("RGB")
-        arr = np.asarray(image)
-    except Exception as exc:  # PIL loads lazily: a truncated file fails here, with its own error types
-        raise InvalidInputError(f"could not read {what}: {exc}") from exc
-    return _check_numpy_layout(arr, what), "rgb", what
-
-
 # ----------------------------------------------------------------------------------------------------
 # One array -> PreparedImage
 
@@ -378,7 +277,7 @@ def _prepare_array(
     arr: np.ndarray, order: str, out_hw: tuple[int, int], max_pixels: int, what: str
 ) -> PreparedImage:
     """Validate pixel values, convert to RGB, resize, and build the PreparedImage."""
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     given = arr  # may be (a view of) the caller's data: read it, never write it or hand it back
     height, width = int(arr.shape[0]), int(arr.shape[1])
     if height * width > max_pixels:
@@ -466,7 +365,7 @@ def _resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 
     Returns a new array (never `image` itself), same dtype.
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     out_h, out_w = out_hw
     in_h, in_w = image.shape[:2]
     if (in_h, in_w) == (out_h, out_w):
@@ -508,12 +407,6 @@ def _is_positive_int(value: object) -> bool:
     return is_int and int(value) > 0  # type: ignore[call-overload]
 
 
-def _describe(x: object) -> str:
-    """What a value is, for error messages: type, and dtype / shape / device where it has them."""
-    if isinstance(x, np.ndarray):
-        return f"numpy array dtype={x.dtype} shape={tuple(x.shape)}"
-    if isinstance(x, torch.Tensor):
-        return f"torch.Tensor dtype={x.dtype} shape={tuple(x.shape)} device={x.device}"
-    if isinstance(x, str):
-        return f"str {x!r}"
-    return "an object of type " + f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
+
+
+_import_cv2 = import_cv2  # transitional alias for modules not yet moved to tta_runtime.device

@@ -1,6 +1,6 @@
 """Evaluation metrics for slot segmenters, and the mask matching the training loss uses.
 
-What Slot-TTA reports (see ``shared/reference/slot_tta.md``, Evaluation): ARI with the background
+What Slot-TTA reports (its evaluation section): ARI with the background
 included, FG-ARI with it excluded (both on the argmax of the slot masks), Hungarian-matched mean IoU
 and reconstruction MSE. Per-image numbers are averaged over a test set with a bootstrap confidence
 interval, and the gain of adaptation is the paired difference after - before on the same images.

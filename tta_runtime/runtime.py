@@ -14,11 +14,8 @@ episodic mode: the loaded weights). For parallel throughput, create one `Runtime
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import logging
-import math
 import os
 import re
 import threading
@@ -26,25 +23,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback
+from tta_runtime.adapt.reset import ContinualPolicy
 from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
-from tta_runtime.inputs import PreparedImage, prepare_image, resize_image, resize_masks, split_batch
-from tta_runtime.ood import DEFAULT_SCORER, Calibration, OODFeatures, features_from_output, load_calibration
+from tta_runtime.frozen import FeaturePass, OODScore, features_with, ood_scores
+from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
+from tta_runtime.ood import DEFAULT_SCORER, Calibration, load_calibration
+from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, segmenter_results
 from tta_runtime.prune.ftwt import PRUNE_DIR, build_pruned, load_prune_card
 from tta_runtime.registry import unknown_name_message
 from tta_runtime.result import Result
 from tta_runtime.models.build import build_model
-from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, segmentation_masks
 
 log = logging.getLogger(__name__)
 
-OODInfo = tuple[float, str, "bool | None", float]  # (score, scorer, is_ood, recon_mse) of one image
 _RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
 
@@ -80,11 +77,12 @@ class Runtime:
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
-        self._adapted_since_reset = 0  # continual mode's reset_every policy counts adapted inputs
         # Continual adaptation has moved the weights away from the loaded ones, which the OOD calibration (and the
         # card's recon statistics) describe: scores then come from a pass with the loaded weights.
         self._weights_moved = False
-        self._recent_labels: collections.deque[int] = collections.deque(maxlen=self.options.collapse_window or 1)
+        self._policy = ContinualPolicy(
+            self.options.reset_every, self.options.collapse_window, self.options.collapse_entropy, self._adapter.num_classes
+        )
         self.calibration = self._load_calibration()
         self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
@@ -185,13 +183,7 @@ class Runtime:
         items, is_batch = self._items(image)
         t0 = time.perf_counter()
         prepared = self._prepare(items, channel_order)
-        x = torch.cat([p.tensor for p in prepared]).to(self.device)
-        t_prep = time.perf_counter() - t0
-        with self._lock:
-            t1 = time.perf_counter()
-            out, oods = self._frozen_path(x)
-            t_fwd = time.perf_counter() - t1
-        results = self._results(out, prepared, oods, None, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)
+        results = self._request(prepared, "never", None, None, time.perf_counter() - t0)
         return results if is_batch else results[0]
 
     def adapt_and_predict(
@@ -201,7 +193,8 @@ class Runtime:
         """Adapt with the runtime's recipe (fields overridable per call), then predict.
 
         One image gives one Result, a batch a list (as `predict`). A segmenter adapts to each image of a
-        batch in turn; a classifier adapts once on the whole batch (the recipe's loss is a batch loss).
+        batch in turn (or, with the recipe's `[execution]`, to all of them at once, each with its own
+        weights); a classifier adapts once on the whole batch (the recipe's loss is a batch loss).
         `adapt` ("always" | "never" | "when_ood", default: the runtime's option) gates the adaptation:
         with "when_ood", inputs the calibrated OOD scorer calls in-distribution take the predict path
         and their report says why no step ran. In episodic mode (default) the model's parameters and
@@ -214,39 +207,72 @@ class Runtime:
         t0 = time.perf_counter()
         prepared = self._prepare(items, channel_order)
         t_prep = time.perf_counter() - t0
-        if self.task == "segmentation" and recipe.execution is not None and len(prepared) > 1:
-            results = self._adapt_segmenter_batched(prepared, gate, recipe, on_step, t_prep)
-        elif self.task == "segmentation":
-            results = [self._adapt_segmenter(p, gate, recipe, on_step, t_prep / len(prepared)) for p in prepared]
+        if self.task == "segmentation" and (recipe.execution is None or len(prepared) == 1):
+            groups = [[p] for p in prepared]  # one image at a time, each adapted from the state the last one left
         else:
-            results = self._adapt_classifier(prepared, gate, recipe, on_step, t_prep)
+            groups = [prepared]
+        results: list[Result] = []
+        for group in groups:
+            results += self._request(group, gate, recipe, on_step, t_prep * len(group) / len(prepared))
         return results if is_batch else results[0]
 
-    def _adapt_segmenter(
-        self, prepared: PreparedImage, gate: str, recipe: AdaptConfig, on_step: StepCallback | None, t_prep: float
-    ) -> Result:
-        x = prepared.tensor.to(self.device)
-        with self._lock:
-            t1 = time.perf_counter()
-            before, oods = self._frozen_path(x)  # the OOD score is about the input before adaptation
-            t_fwd = time.perf_counter() - t1
-            skip = self._skip_reason(gate, oods[0])
-            if skip is None:
-                with self._fixed_masks(x):
-                    final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
-                self._count_adapted(report, 1)
-            else:
-                final, report = before, self._skipped_report(recipe, skip, x)
-        result = self._results(final, [prepared], oods, report, {"preprocess_s": t_prep, "forward_s": t_fwd}, x)[0]
-        result.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
-        return result
-
-    def _adapt_segmenter_batched(
-        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
+    def _request(
+        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig | None, on_step: StepCallback | None,
         t_prep: float,
     ) -> list[Result]:
-        """The recipe's [execution]: the images that pass the gate are adapted all at once, each with its own
-        weights (`BatchedAdapter`), in chunks of `execution.batch_size`; the model's weights stay untouched."""
+        """The one pipeline: frozen pass + OOD scores -> gate -> adapt the chosen inputs -> Results.
+
+        `recipe` None means predict. A segmenter's group timings are shared out per image; a classifier's
+        batch is one forward and one adaptation, and each of its Results carries the batch's timings."""
+        x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
+        n = len(prepared)
+        with self._lock:
+            t1 = time.perf_counter()
+            out, scores = self._frozen_path(x)
+            t_fwd = time.perf_counter() - t1
+            pruning = self._last_pruning
+            reasons = [self._skip_reason(gate, sc) for sc in scores]
+            chosen = [i for i, r in enumerate(reasons) if r is None]
+            reports: list[AdaptationReport | None] = [None] * n
+            batch_report = None
+            if recipe is not None and chosen:
+                adapted, chosen_reports = self._adapt(x[chosen], recipe, on_step)
+                out = merge_rows(out, adapted, chosen)
+                for j, i in enumerate(chosen):
+                    reports[i] = chosen_reports[j]
+                batch_report = chosen_reports[0]
+        if recipe is not None:
+            reports = [r or self._skipped_report(recipe, reasons[i] or "", x) for i, r in enumerate(reports)]
+        share = n if self.task == "segmentation" else 1
+        ctx = ResultContext(self.name, str(self.device), self.backend,
+                            {"preprocess_s": t_prep / share, "forward_s": t_fwd / share})
+        if self.task == "classification":
+            results = classifier_results(out.logits, self.card.labels, prepared, scores, reports, pruning, ctx)
+        else:
+            results = segmenter_results(self.model.cfg, out, x, prepared, scores, reports, pruning, ctx)
+        for r in results:  # a classifier's batch was adapted once: its timings are the batch's
+            report = batch_report if self.task == "classification" and batch_report is not None else r.adaptation
+            if report is not None:
+                r.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
+        return results
+
+    def _adapt(
+        self, x: torch.Tensor, recipe: AdaptConfig, on_step: StepCallback | None
+    ) -> tuple[Any, list[AdaptationReport]]:
+        """Adapt on `x` (call under the lock): the adapted output and one report per input of `x`."""
+        if self.task == "segmentation" and x.shape[0] > 1:  # the recipe's [execution]: all at once
+            return self._adapt_batched(x, recipe, on_step)
+        with self._fixed_masks(x):
+            final, report = self._adapter.run(x, cfg=recipe, on_step=on_step)
+        labels = final.logits.argmax(dim=1).tolist() if self.task == "classification" else None
+        self._count_adapted(report, x.shape[0], labels)
+        return final, [report] * x.shape[0]
+
+    def _adapt_batched(
+        self, x: torch.Tensor, recipe: AdaptConfig, on_step: StepCallback | None
+    ) -> tuple[Any, list[AdaptationReport]]:
+        """Each image of `x` adapted with its own weights at once (`BatchedAdapter`), in chunks of
+        `execution.batch_size`; the model's weights stay untouched."""
         from tta_runtime.adapt.batched import BatchedAdapter
 
         if on_step is not None:
@@ -255,65 +281,10 @@ class Runtime:
         if self.options.prune is not None:
             raise ConfigError("batched execution does not run pruned variants yet; load without prune= or drop the "
                               "recipe's [execution]")
-        x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
-        with self._lock:
-            before, oods, t_fwd, reasons, chosen = self._gated_frozen_path(x, gate)
-            reports: list[AdaptationReport | None] = [None] * len(prepared)
-            fields = [f.name for f in dataclasses.fields(SegmenterOutput)]
-            merged = {f: getattr(before, f).clone() for f in fields}
-            if chosen:
-                batched = BatchedAdapter(
-                    self.model, recipe, execution=recipe.execution,
-                    training_optimizer_state=self._adapter.training_optimizer_state,
-                )
-                out, reps = batched.run(x[chosen])
-                for j, i in enumerate(chosen):
-                    for f in fields:
-                        merged[f][i] = getattr(out, f)[j].to(merged[f].dtype)
-                    reports[i] = reps[j]
-        final = SegmenterOutput(**merged)
-        results = []
-        for i, p in enumerate(prepared):
-            report = reports[i] or self._skipped_report(recipe, reasons[i] or "", x[i : i + 1])
-            timings = {"preprocess_s": t_prep / len(prepared), "forward_s": t_fwd / len(prepared)}
-            res = self._results(_slice_output(final, i), [p], [oods[i]], report, timings, x[i : i + 1])[0]
-            res.timings.update({f"adapt_{k}": v for k, v in report.timings.items()})
-            results.append(res)
-        return results
-
-    def _gated_frozen_path(
-        self, x: torch.Tensor, gate: str
-    ) -> tuple[Any, list[OODInfo], float, list[str | None], list[int]]:
-        """The frozen forward of a batch (call under the lock): output, OOD info, seconds, and per image why
-        it is not adapted (None = adapt), with the indices that are."""
-        t1 = time.perf_counter()
-        before, oods = self._frozen_path(x)
-        t_fwd = time.perf_counter() - t1
-        reasons = [self._skip_reason(gate, o) for o in oods]
-        return before, oods, t_fwd, reasons, [i for i, r in enumerate(reasons) if r is None]
-
-    def _adapt_classifier(
-        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig, on_step: StepCallback | None,
-        t_prep: float,
-    ) -> list[Result]:
-        """One adaptation on the batch's images that pass the gate; the others keep the frozen prediction."""
-        x = torch.cat([p.tensor for p in prepared]).to(self.device)
-        with self._lock:
-            before, oods, t_fwd, reasons, chosen = self._gated_frozen_path(x, gate)
-            logits = before.logits.clone()
-            if chosen:
-                with self._fixed_masks(x[chosen]):
-                    final, report = self._adapter.run(x[chosen], cfg=recipe, on_step=on_step)
-                logits[chosen] = final.logits
-                self._count_adapted(report, len(chosen), final.logits.argmax(dim=1).tolist())
-            else:
-                report = self._skipped_report(recipe, reasons[0] or "", x)
-        timings = {"preprocess_s": t_prep, "forward_s": t_fwd, **{f"adapt_{k}": v for k, v in report.timings.items()}}
-        results = self._classifier_results(logits, prepared, oods, report, timings)
-        for i, r in enumerate(reasons):
-            if r is not None and chosen:  # adapted batch, but this image was in distribution: say so
-                results[i].adaptation = self._skipped_report(recipe, r, x)
-        return results
+        batched = BatchedAdapter(
+            self.model, recipe, execution=recipe.execution, training_optimizer_state=self._adapter.training_optimizer_state,
+        )
+        return batched.run(x)
 
     @property
     def backend(self) -> str:
@@ -342,41 +313,23 @@ class Runtime:
         """Back to the loaded weights (continual mode); a no-op in effect for episodic use."""
         with self._lock:
             self._adapter.reset()
-            self._adapted_since_reset = 0
+            self._policy.clear()
             self._weights_moved = False
 
     def _count_adapted(self, report: AdaptationReport, n: int, labels: list[int] | None = None) -> None:
-        """Continual mode's reset policy: `reset_every` adapted inputs, the collapse monitor (classifiers:
-        the predicted labels of the last `collapse_window` inputs have too little entropy), and a method's
-        own signal (SAR)."""
+        """Continual mode's reset policy (`adapt.reset.ContinualPolicy`) after `n` adapted inputs."""
         if report.mode != "continual":
             return
-        if report.reset:
-            self._adapted_since_reset = 0
-            self._recent_labels.clear()
+        if report.reset:  # the method itself reset the adapter (SAR's collapse signal)
+            self._policy.clear()
             self._weights_moved = False
             return
         self._weights_moved = self._weights_moved or report.steps_run > 0
-        self._adapted_since_reset += n
-        every = self.options.reset_every
-        why = None
-        if every is not None and self._adapted_since_reset >= every:
-            why = f"reset_every={every}"
-        window = self.options.collapse_window
-        if window is not None and labels:
-            self._recent_labels.extend(labels)
-            if len(self._recent_labels) == window:
-                counts = np.bincount(np.fromiter(self._recent_labels, dtype=np.int64))
-                p = counts[counts > 0] / window
-                ent = float(-(p * np.log(p)).sum())
-                limit = self.options.collapse_entropy * math.log(max(self._adapter._context.num_classes, 2))
-                if ent < limit:
-                    why = f"collapse: label entropy {ent:.2f} < {limit:.2f} over the last {window} inputs"
+        why = self._policy.update(n, labels)
         if why is not None:
             log.info("continual reset (%s)", why)
             self._adapter.reset()
-            self._adapted_since_reset = 0
-            self._recent_labels.clear()
+            self._policy.clear()
             self._weights_moved = False
             report.reset = True
 
@@ -431,9 +384,6 @@ class Runtime:
         return [{"variant": self.options.prune, "kept_fraction": [round(float(v), 4) for v in kept[i] / widths],
                  "macs_fraction": round(float(macs[i]), 4)} for i in range(n)]
 
-    def _pruning_of(self, i: int) -> dict[str, Any] | None:
-        return self._last_pruning[i] if i < len(self._last_pruning) else None
-
     def _gate(self, adapt: str | None) -> str:
         gate = adapt or self.options.adapt
         if gate not in ("always", "never", "when_ood"):
@@ -442,8 +392,8 @@ class Runtime:
             load_calibration(self.folder or Path("."))  # raises, saying how to fit one
         return gate
 
-    def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODInfo]]:
-        """Forward pass without gradients, and (ood_score, scorer, is_ood, recon_mse) per image.
+    def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODScore]]:
+        """Forward pass without gradients, and each input's `OODScore`.
 
         The output comes from the current weights. The scores describe the input, not the adaptation
         history: once continual adaptation has moved the weights, they come from a second pass with the
@@ -451,39 +401,16 @@ class Runtime:
         embedding = self.calibration.embedding if self.calibration else "encoder"
         if self._ort is not None:
             out, oods = self._ort(x)
+            self._last_pruning = [None] * x.shape[0]
             if not self._weights_moved:
-                return out, oods
-            feats = self._loaded_weights_features(x, embedding)
+                return out, [OODScore(*o) for o in oods]
         else:
             with torch.inference_mode():
-                out, feats = _FeaturePass(self.model, self.task, embedding)(x)
+                out, feats = FeaturePass(self.model, self.task, embedding)(x)
             self._last_pruning = self._pruning_info(x.shape[0])
-            if self._weights_moved:
-                feats = self._loaded_weights_features(x, embedding)
-        return out, self._ood_infos(feats)
-
-    def _loaded_weights_features(self, x: torch.Tensor, embedding: str) -> OODFeatures:
-        """The OOD features of a forward pass with the loaded weights (the model's own are left alone)."""
-        with torch.inference_mode():
-            return torch.func.functional_call(
-                _FeaturePass(self.model, self.task, embedding), {f"model.{k}": v for k, v in self._adapter._source.items()},
-                (x,), strict=True,
-            )[1]
-
-    def _ood_infos(self, feats: OODFeatures) -> list[OODInfo]:
-        cal = self.calibration
-        n = len(feats)
-        mse = feats.recon_mse.float().cpu().numpy() if feats.recon_mse is not None else np.full(n, np.nan)
-        if cal is not None:
-            scores = cal.score(feats)
-            return [(float(sc), cal.scorer, bool(sc > cal.threshold), float(m)) for sc, m in zip(scores, mse)]
-        if self.task == "classification":  # energy (Liu et al. 2020), uncalibrated
-            energy = (-torch.logsumexp(feats.logits.float(), dim=1)).cpu().numpy()
-            return [(float(e), "energy", None, float("nan")) for e in energy]
-        stats = self.card.ood
-        if stats is None:
-            return [(float(m), "recon_mse", None, float(m)) for m in mse]
-        return [(float((m - stats.recon_mse_mean) / stats.recon_mse_std), "recon_mse_z", None, float(m)) for m in mse]
+        if self._weights_moved:
+            feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state)
+        return out, ood_scores(feats, self.calibration, self.card)
 
     def _items(self, image: Any) -> tuple[list[Any], bool]:
         batch = split_batch(image, gray_batches=self.task == "classification")
@@ -502,11 +429,11 @@ class Runtime:
                 raise InvalidInputError(f"image {i} of the batch of {len(items)}: {e}") from None
         return prepared
 
-    def _skip_reason(self, gate: str, ood: OODInfo) -> str | None:
+    def _skip_reason(self, gate: str, score: OODScore) -> str | None:
         if gate == "never":
             return "adapt='never'"
-        if gate == "when_ood" and not ood[2]:
-            return f"in distribution ({ood[1]} {ood[0]:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
+        if gate == "when_ood" and not score.is_ood:
+            return f"in distribution ({score.scorer} {score.score:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
         return None
 
     def _skipped_report(self, recipe: AdaptConfig, why: str, x: torch.Tensor) -> AdaptationReport:
@@ -514,75 +441,6 @@ class Runtime:
             recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
             steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
         )
-
-    def _results(
-        self, out: Any, prepared: list[PreparedImage], oods: list[OODInfo], report: AdaptationReport | None,
-        timings: dict[str, float], x: torch.Tensor,
-    ) -> list[Result]:
-        if self.task == "classification":
-            return self._classifier_results(out.logits, prepared, oods, report, timings)
-        s = self.input_size
-        with torch.no_grad():  # each result's own reconstruction error (after adaptation, if any)
-            mses = ((out.reconstruction - x.flatten(2).transpose(1, 2)) ** 2).mean(dim=(1, 2)).float().cpu().numpy()
-        results = []
-        for i, p in enumerate(prepared):
-            h, w = p.original_size
-            masks = segmentation_masks(self.model.cfg, out)[i].detach().float().cpu().numpy().reshape(-1, s, s)  # (K, S, S)
-            recon = out.reconstruction[i].detach().float().cpu().numpy().reshape(s, s, 3)
-            masks = resize_masks(masks, (h, w)) if (h, w) != (s, s) else masks
-            recon = resize_image(recon, (h, w)) if (h, w) != (s, s) else recon
-            score, scorer, is_ood, _ = oods[i]
-            results.append(Result(
-                masks=masks.astype(np.float32, copy=False),
-                segmentation=masks.argmax(0).astype(np.int64),
-                reconstruction=np.clip(recon, 0.0, 1.0).astype(np.float32, copy=False),
-                ood_score=float(score), ood_scorer=scorer, recon_mse=float(mses[i]), is_ood=is_ood,
-                image=p.original_rgb, model=self.name, device=str(self.device), backend=self.backend, adaptation=report,
-                timings=dict(timings), task="segmentation", pruning=self._pruning_of(i),
-            ))
-        return results
-
-    def _classifier_results(
-        self, logits: torch.Tensor, prepared: list[PreparedImage], oods: list[OODInfo],
-        report: AdaptationReport | None, timings: dict[str, float],
-    ) -> list[Result]:
-        logits_np = logits.detach().float().cpu().numpy()  # (B, C)
-        probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
-        names = self.card.labels
-        results = []
-        for i, p in enumerate(prepared):
-            label = int(probs[i].argmax())
-            score, scorer, is_ood, _ = oods[i]
-            results.append(Result(
-                logits=logits_np[i].copy(), probs=probs[i].copy(), label=label,
-                label_name=names[label] if names else "", task="classification",
-                ood_score=float(score), ood_scorer=scorer, is_ood=is_ood, image=p.original_rgb, model=self.name,
-                device=str(self.device), backend="torch", adaptation=report, timings=dict(timings),
-                pruning=self._pruning_of(i),
-            ))
-        return results
-
-
-class _FeaturePass(torch.nn.Module):
-    """One frozen forward pass: (output, OOD features). A module so that `torch.func.functional_call` can also
-    run it with other weights than the model's own (`Runtime._loaded_weights_features`)."""
-
-    def __init__(self, model: torch.nn.Module, task: str, embedding: str) -> None:
-        super().__init__()
-        self.model, self.task, self.embedding = model, task, embedding
-
-    def forward(self, x: torch.Tensor) -> tuple[Any, OODFeatures]:
-        if self.task == "classification":
-            out = self.model(x)
-            return out, OODFeatures(logits=out.logits, embedding=out.features)
-        encoded = self.model.encode(x)
-        out = self.model.forward_features(encoded)
-        return out, features_from_output(self.model, x, out, encoded=encoded, embedding=self.embedding)  # type: ignore[arg-type]
-
-
-def _slice_output(out: SegmenterOutput, i: int) -> SegmenterOutput:
-    """Image `i` of a batched segmenter output, as a batch of one."""
-    return SegmenterOutput(**{f.name: getattr(out, f.name)[i : i + 1] for f in dataclasses.fields(SegmenterOutput)})
 
 
 def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -16,27 +16,16 @@ from types import ModuleType
 
 import numpy as np
 
-from tta_runtime.inputs import _import_cv2
+from tta_runtime.device import import_cv2
 
 # 12 hand-picked colours that stay apart from each other and from white (outlines) and black (background);
 # after these, hues step by the golden ratio so that consecutive slots are far apart on the colour wheel.
+# red, green, blue, yellow, purple, cyan, orange, magenta, lime, teal, brown, maroon
 _BASE_PALETTE = np.array(
-    [
-        (230, 25, 75),  # red
-        (60, 180, 75),  # green
-        (0, 130, 200),  # blue
-        (255, 225, 25),  # yellow
-        (145, 30, 180),  # purple
-        (70, 240, 240),  # cyan
-        (245, 130, 48),  # orange
-        (240, 50, 230),  # magenta
-        (210, 245, 60),  # lime
-        (0, 128, 128),  # teal
-        (170, 110, 40),  # brown
-        (128, 0, 0),  # maroon
-    ],
+    [230, 25, 75, 60, 180, 75, 0, 130, 200, 255, 225, 25, 145, 30, 180, 70, 240, 240,
+     245, 130, 48, 240, 50, 230, 210, 245, 60, 0, 128, 128, 170, 110, 40, 128, 0, 0],
     dtype=np.uint8,
-)
+).reshape(-1, 3)
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # (saturation, value) cycled every full turn of the golden-ratio hues, so that large k stays distinct.
 _SAT_VAL = ((0.85, 0.95), (0.55, 0.80), (0.95, 0.65), (0.40, 0.95))
@@ -144,7 +133,7 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> pathlib.Path:
         ValueError: bad array or a path that does not end in .png.
         OSError: the file could not be written (the message names the path).
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     _check_rgb(rgb, "rgb")
     target = pathlib.Path(path)
     if target.suffix.lower() != ".png":
@@ -173,7 +162,7 @@ def loss_curve(
         (H, W, 3) uint8 RGB: white background, axes box, blue line, the max and min loss labelled on the
         left, the first and last step below.
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     height, width = _check_hw(size, "size")
     if height < 64 or width < 96:
         raise ValueError(f"size must be at least (64, 96) to fit the labels, got {size!r}")
@@ -251,7 +240,7 @@ def line_plot(
         (H, W, 3) uint8 RGB: white background, axes box, one coloured line per series (colours from
         `palette`), the y range labelled on the left, the legend in the top-right corner.
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     height, width = _check_hw(size, "size")
     if height < 120 or width < 200:
         raise ValueError(f"size must be at least (120, 200), got {size!r}")
@@ -317,7 +306,7 @@ def panel(tiles: Sequence[tuple[str, np.ndarray]], *, scale: int = 1) -> np.ndar
     Returns:
         (H, W, 3) uint8 RGB on white: each tile under its caption, tiles top-aligned, 8-px margins.
     """
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
         raise ValueError(f"scale must be an int >= 1, got {scale!r}")
     if len(tiles) == 0:

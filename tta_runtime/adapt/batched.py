@@ -1,8 +1,8 @@
 """Several images adapted at once, each with its own weights: a Slot-TTA recipe as one batched program.
 
-The one loop (`adapt.Adapter`) adapts one image at a time. At small sizes, and on a GPU at any size, a
-step is mostly overhead (kernel launches, Python), so B independent adaptations run together are far
-cheaper per image than B in turn. Here, for the same recipe (loss, parameters, Adam, lr schedule, pixel
+The one loop (`adapt.loop.Adapter`) adapts one image at a time. At small sizes, and on a GPU at any size,
+a step is mostly overhead (kernel launches, Python), so B independent adaptations run together cost less
+per image than B in turn. Here, for the same recipe (loss, parameters, Adam, lr schedule, pixel
 subsets, gradient clipping, early stop), on B images:
 
   selected parameters, stacked    {name: (B, *shape)}   one copy of the model's weights per image
@@ -14,11 +14,19 @@ Parameters that the recipe does not adapt are shared, unbatched. With params='no
 runs once for the batch and every step reuses its features, as in the one loop. The model itself is never
 modified: the adapted weights live only in the stack, so every call is episodic by construction.
 
+Why this is a program of its own and not a branch inside the one loop: the loop steps ONE set of weights
+in place (the model's own parameters, a `torch.optim` optimizer, per-step Python control for callbacks,
+SAM's second pass, EATA/SAR sample filters, per-call rollback and continual carry-over). Here the weights
+are B stacked copies outside the model, the forward is a pure function under `vmap`, Adam is functional,
+and stops and rollbacks are per-image masks over the stack. Sharing the loop's body would mean a
+functional rewrite of every method; what the two do share (parameter selection, the lr schedule, pixel
+targets, the report) is imported from `adapt.loop`, so a recipe means the same thing in both.
+
 Equivalence: with the same recipe, losses, steps, stops, rollbacks and adapted predictions equal the one
 loop's up to floating-point summation order (batched matrix products instead of single ones); the tests
 check it in float64 (tests/test_bench_adapt.py). In float32, Adam's division of each gradient by its own
 magnitude lets a rounding difference in a near-zero gradient flip a step's sign, so long runs drift apart
-as two thread counts do; `tta-runtime bench adapt` reports how far on real images.
+as two thread counts do.
 
 Execution levers (a recipe's `[execution]` table, `config.ExecutionConfig`, alias `ExecutionOptions`; all off by default; they change how the step runs, not the recipe):
 `batch_size` caps how many images run together, `compile` wraps the step in `torch.compile`

@@ -138,6 +138,16 @@ class Adapter:
         # stream does not draw the same masks on every frame.
         self._restore_gen: torch.Generator | None = None
 
+    @property
+    def loaded_state(self) -> dict[str, torch.Tensor]:
+        """The parameters and buffers the model was loaded with (what `reset()` restores); read-only by contract."""
+        return self._source
+
+    @property
+    def num_classes(self) -> int:
+        """A classifier's class count (0 for segmenters)."""
+        return self._context.num_classes
+
     def _method(self, name: str) -> Method:
         if name not in self._methods:
             method = get_method(name, self._context)

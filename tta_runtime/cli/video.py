@@ -1,40 +1,36 @@
-"""`tta-runtime stream` and `tta-runtime bench stream`: the command-line door to `tta_runtime.video` (printing lives here)."""
+"""`tta-runtime stream`: segment a video frame by frame with continual adaptation (`tta_runtime.video`).
+
+The command draws its own progress bar, one for the whole command (both passes with `--compare`),
+and asks the library for none.
+"""
 
 from __future__ import annotations
 
 import argparse
-import platform
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from tta_runtime.video import _ADAPT, _POLICIES, DEFAULT_RECIPE, DEFAULT_STEPS_PER_FRAME, StreamFrame, StreamStats, bench_stream, stream
+from tta_runtime.cli.common import command_line, echo, fail, progress, write_json
 
 if TYPE_CHECKING:
     from tta_runtime.runtime import Runtime
-
-# --------------------------------------------------------------------------------------------------
-# Command line (added to `tta-runtime` by cli.build_parser)
+    from tta_runtime.video import StreamFrame, StreamStats
 
 
-def add_cli(commands: argparse._SubParsersAction, bench_commands: argparse._SubParsersAction) -> None:
-    """`tta-runtime stream ...` and `tta-runtime bench stream ...`; nothing heavy is imported here."""
+def add_stream(s: argparse.ArgumentParser) -> None:
     from tta_runtime.data.video import SHIFT_KINDS
+    from tta_runtime.video import ADAPT_MODES, DEFAULT_RECIPE, DEFAULT_STEPS_PER_FRAME, POLICIES
 
-    s = commands.add_parser(
-        "stream", help="segment a video (file, camera, URL) frame by frame with continual adaptation",
-        description="Segment a video frame by frame with continual test-time adaptation; write an annotated "
-        "video and statistics. With --generate, first write a procedural video with a distribution shift "
-        "half-way (and its masks, OUT.npz) and stream that.",
+    s.description = (
+        "Segment a video frame by frame with continual test-time adaptation; write an annotated video and "
+        "statistics. With --generate, first write a procedural video with a distribution shift half-way (and its "
+        "masks, OUT.npz) and stream that."
     )
     s.add_argument("source", nargs="?", default=None, help="video file, camera index or URL (rtsp://, http://)")
     s.add_argument("--out", default=None, help="annotated video to write (.mp4, fourcc mp4v)")
-    s.add_argument("--json", default=None, help="write the statistics here")
     s.add_argument("--model", default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"adaptation recipe (default {DEFAULT_RECIPE})")
-    s.add_argument("--adapt", choices=_ADAPT, default="always")
+    s.add_argument("--adapt", choices=ADAPT_MODES, default="always")
     s.add_argument("--steps-per-frame", type=int, default=DEFAULT_STEPS_PER_FRAME)
     s.add_argument("--restore-prob", type=float, default=None,
                    help="stochastic restore per step and weight (CoTTA); default: the recipe's (slot_tta_stream: 0.01)")
@@ -42,7 +38,7 @@ def add_cli(commands: argparse._SubParsersAction, bench_commands: argparse._SubP
     s.add_argument("--no-reset-on-cut", dest="reset_on_cut", action="store_false")
     s.add_argument("--no-reset-on-collapse", dest="reset_on_collapse", action="store_false")
     s.add_argument("--reset-every", type=int, default=None, help="also reset the weights every N processed frames")
-    s.add_argument("--policy", choices=_POLICIES, default=None, help="default: all for files, latest for cameras/URLs")
+    s.add_argument("--policy", choices=POLICIES, default=None, help="default: all for files, latest for cameras/URLs")
     s.add_argument("--stride", type=int, default=1)
     s.add_argument("--buffer", type=int, default=None, help="queue size (default 4 for all, 1 for latest)")
     s.add_argument("--max-frames", type=int, default=None)
@@ -60,28 +56,50 @@ def add_cli(commands: argparse._SubParsersAction, bench_commands: argparse._SubP
     g.add_argument("--size", type=int, default=128)
     g.add_argument("--fps", type=float, default=25.0)
     g.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_stream)
-
-    b = bench_commands.add_parser("stream", help="memory over a long stream: peak RSS growth after the first 100 frames")
-    b.add_argument("--model", default=None)
-    b.add_argument("--frames", type=int, default=5000)
-    b.add_argument("--steps-per-frame", type=int, default=1)
-    b.add_argument("--restore-prob", type=float, default=None, help="stochastic restore; default: the recipe's")
-    b.add_argument("--size", type=int, default=64)
-    b.add_argument("--recipe", default=DEFAULT_RECIPE)
-    b.add_argument("--warmup", type=int, default=100)
-    b.add_argument("--json", default=None)
-    b.set_defaults(func=_cmd_bench_stream)
+    s.set_defaults(func=_stream)
 
 
-def _run_for_cli(
-    rt: Runtime, source: str, frame_index: int | None, **kw: Any
+class _FrameBar:
+    """One bar over every processed frame of every pass; its length is known once a file's first frame is read."""
+
+    def __init__(self, args: argparse.Namespace, passes: int) -> None:
+        self.bar: Any = None
+        if progress(args):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=None, desc="stream", unit="frame")
+        self.passes, self.stride, self.max_frames = passes, args.stride, args.max_frames
+        self.sized = False
+
+    def frame(self, st: StreamStats) -> None:
+        if self.bar is None:
+            return
+        if not self.sized:
+            self.sized = True
+            per_pass = None if st.source_frames is None else -(-st.source_frames // self.stride)
+            if self.max_frames is not None:
+                per_pass = self.max_frames if per_pass is None else min(per_pass, self.max_frames)
+            if per_pass is not None:
+                self.bar.total = per_pass * self.passes
+                self.bar.refresh()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(
+    rt: Runtime, source: str, frame_index: int | None, bar: _FrameBar, **kw: Any
 ) -> tuple[StreamStats, list[tuple[int, float]], StreamFrame | None]:
     """One pass: the stats, (index, FG-ARI) per frame, and the frame at `frame_index`."""
+    from tta_runtime.video import stream
+
     scores: list[tuple[int, float]] = []
     kept = None
-    with stream(rt, source, **kw) as s:
+    with stream(rt, source, progress=False, **kw) as s:
         for f in s:
+            bar.frame(s.stats)
             if f.fg_ari is not None:
                 scores.append((f.index, f.fg_ari))
             if f.index == frame_index:
@@ -90,6 +108,8 @@ def _run_for_cli(
 
 
 def _segments(scores: list[tuple[int, float]], shift_at: int | None) -> dict[str, Any]:
+    import numpy as np
+
     def mean(vals: list[float]) -> dict[str, Any]:
         return {"mean": float(np.mean(vals)) if vals else None, "frames": len(vals)}
 
@@ -100,130 +120,138 @@ def _segments(scores: list[tuple[int, float]], shift_at: int | None) -> dict[str
     return out
 
 
-def _cmd_stream(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-    import sys
-
-    import torch
-
-    from tta_runtime.runtime import Runtime
-    from tta_runtime.visual import panel, save_png
-
-    generated = None
-    source, truth = args.source, args.ground_truth
+def _source(args: argparse.Namespace) -> tuple[str | None, str | None, Any, int]:
+    """The video to stream and its ground truth (generating them with --generate); an exit status != 0 on misuse."""
     if args.generate:
-        if source is not None:
-            print("error: give a SOURCE or --generate OUT.mp4, not both", file=sys.stderr)
-            return 2
+        if args.source is not None:
+            return None, None, None, fail("give a SOURCE or --generate OUT.mp4, not both")
         from tta_runtime.data.video import make_shifted_video
 
-        generated = make_shifted_video(
+        gen = make_shifted_video(
             args.generate, args.frames, shift_at=args.shift_at, kind=args.shift_kind, size=args.size, fps=args.fps,
             seed=args.seed,
         )
-        print(
-            f"wrote {generated.video} ({generated.frames} frames, {generated.size}x{generated.size}, {generated.kind} "
-            f"from frame {generated.shift_at}, seed {generated.seed}) and {generated.masks}"
+        echo(
+            args,
+            f"wrote {gen.video} ({gen.frames} frames, {gen.size}x{gen.size}, {gen.kind} from frame {gen.shift_at}, "
+            f"seed {gen.seed}) and {gen.masks}",
         )
-        if args.generate_only:
-            return 0
-        source, truth = str(generated.video), truth or str(generated.masks)
-    elif source is None:
-        print("error: give a SOURCE (video file, camera index, URL) or --generate OUT.mp4", file=sys.stderr)
-        return 2
-    elif args.generate_only:
-        print("error: --generate-only needs --generate OUT.mp4", file=sys.stderr)
-        return 2
+        return str(gen.video), args.ground_truth or str(gen.masks), gen, 0
+    if args.source is None:
+        return None, None, None, fail("give a SOURCE (video file, camera index, URL) or --generate OUT.mp4")
+    if args.generate_only:
+        return None, None, None, fail("--generate-only needs --generate OUT.mp4")
+    return args.source, args.ground_truth, None, 0
 
-    shift_at = None
+
+def _stream(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy as np
+    import torch
+
+    from tta_runtime.runtime import Runtime
+
+    source, truth, generated, status = _source(args)
+    if status or args.generate_only:
+        return status
+    shift_at = n_truth = None
     if truth is not None and str(truth).endswith(".npz"):
         with np.load(truth) as data:
             shift_at = int(data["shift_at"]) if "shift_at" in data else None
             n_truth = len(data["instances"]) if "instances" in data else None
     frame_index = args.frame_index
     if args.frame_png and frame_index is None:
-        n = n_truth if truth is not None and n_truth else None
-        frame_index = (shift_at + 3 * (n - shift_at) // 4) if shift_at is not None and n else 0
+        frame_index = (shift_at + 3 * (n_truth - shift_at) // 4) if shift_at is not None and n_truth else 0
 
     rt = Runtime.from_pretrained(args.model, device=args.device)
     opts = {
         "recipe": args.recipe, "steps_per_frame": args.steps_per_frame, "latency_budget_ms": args.latency_budget_ms,
-        "restore_prob": args.restore_prob,
-        "reset_on_cut": args.reset_on_cut, "reset_on_collapse": args.reset_on_collapse, "reset_every": args.reset_every,
-        "policy": args.policy,
-        "stride": args.stride, "buffer": args.buffer, "max_frames": args.max_frames, "ground_truth": truth,
-        "read_timeout_s": args.read_timeout_s,
+        "restore_prob": args.restore_prob, "reset_on_cut": args.reset_on_cut, "reset_on_collapse": args.reset_on_collapse,
+        "reset_every": args.reset_every, "policy": args.policy, "stride": args.stride, "buffer": args.buffer,
+        "max_frames": args.max_frames, "ground_truth": truth, "read_timeout_s": args.read_timeout_s,
+        "annotate": bool(args.frame_png),
     }
-    stats, scores, kept = _run_for_cli(
-        rt, source, frame_index, adapt=args.adapt, out=args.out, annotate=bool(args.frame_png), progress=True, **opts
-    )
-    d = stats.to_dict()
+    bar = _FrameBar(args, passes=2 if args.compare else 1)
+    try:
+        stats, scores, kept = _run(rt, source, frame_index, bar, adapt=args.adapt, out=args.out, **opts)
+        if args.compare:
+            never_stats, never_scores, kept_never = _run(rt, source, frame_index, bar, adapt="never", **opts)
+    finally:
+        bar.close()
     report: dict[str, Any] = {
-        "command": "tta-runtime " + shlex.join(args.argv),
+        "command": command_line(args),
         "model": rt.name,
         "video": generated.to_dict() if generated else {"source": stats.source},
-        "stats": d,
+        "stats": stats.to_dict(),
     }
-    _print_stats(stats)
+    echo(args, *_stats_lines(stats))
     if scores:
         report["fg_ari"] = {args.adapt: _segments(scores, shift_at)}
-    kept_never = None
-    if args.compare:
-        never_stats, never_scores, kept_never = _run_for_cli(
-            rt, source, frame_index, adapt="never", annotate=bool(args.frame_png), progress=True, **opts
-        )
+    if not args.compare:
+        kept_never = None
+    else:
         report["predict_only_stats"] = never_stats.to_dict()
         if scores:
-            report["fg_ari"]["never"] = _segments(never_scores, shift_at)
-            a, b = report["fg_ari"][args.adapt], report["fg_ari"]["never"]
-            report["margin"] = {
-                seg: (a[seg]["mean"] - b[seg]["mean"]) if a[seg]["mean"] is not None and b[seg]["mean"] is not None else None
-                for seg in a
-            }
-            report["margin_note"] = (
-                f"mean FG-ARI of adapt={args.adapt!r} minus predict-only (adapt='never') on the same frames; "
-                "frames are strongly correlated, so no per-frame confidence interval is given"
-            )
-    if "fg_ari" in report:
-        for name, segs in report["fg_ari"].items():
-            print(f"FG-ARI {name:>8}: " + ", ".join(f"{k} {v['mean']:.3f} ({v['frames']} frames)" for k, v in segs.items() if v["mean"] is not None))
-        if "margin" in report:
-            print("margin (adapted - predict-only): " + ", ".join(f"{k} {v:+.3f}" for k, v in report["margin"].items() if v is not None))
+            _add_margin(report, args.adapt, _segments(never_scores, shift_at))
+    for name, segs in report.get("fg_ari", {}).items():
+        echo(args, f"FG-ARI {name:>8}: " + ", ".join(
+            f"{k} {v['mean']:.3f} ({v['frames']} frames)" for k, v in segs.items() if v["mean"] is not None))
+    if "margin" in report:
+        echo(args, "margin (adapted - predict-only): " + ", ".join(
+            f"{k} {v:+.3f}" for k, v in report["margin"].items() if v is not None))
     report["timing"] = {
         "device": str(rt.device),
         "hardware": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
     }
     if args.frame_png:
-        if kept is None or kept.annotated is None:
-            print(f"warning: frame {frame_index} was not processed; no {args.frame_png} written", file=sys.stderr)
-        else:
-            tiles = [("input", kept.result.image)]
-            if kept_never is not None and kept_never.annotated is not None:
-                tiles.append(("predict only", kept_never.annotated))
-            tiles.append((f"adapt={args.adapt}, frame {kept.index}", kept.annotated))
-            save_png(args.frame_png, panel(tiles, scale=2))
-            print(f"wrote {args.frame_png}")
-            report["frame_png"] = {"path": args.frame_png, "index": kept.index}
+        _frame_png(args, report, kept, kept_never, frame_index)
     if args.out:
-        report["annotated"] = _check_output(args.out, source, stats)
-        a = report["annotated"]
-        print(
+        a = report["annotated"] = _check_output(args.out, source, stats)
+        echo(
+            args,
             f"wrote {args.out}: {a['frames']} frames {a['size'][1]}x{a['size'][0]} at {a['fps']:g} fps "
-            f"(source: {a['source_frames']} frames {a['source_size'][1]}x{a['source_size'][0]})"
+            f"(source: {a['source_frames']} frames {a['source_size'][1]}x{a['source_size'][0]})",
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args, report)
     return 0
+
+
+def _add_margin(report: dict[str, Any], adapt: str, never: dict[str, Any]) -> None:
+    report["fg_ari"]["never"] = never
+    a, b = report["fg_ari"][adapt], never
+    report["margin"] = {
+        seg: (a[seg]["mean"] - b[seg]["mean"]) if a[seg]["mean"] is not None and b[seg]["mean"] is not None else None
+        for seg in a
+    }
+    report["margin_note"] = (
+        f"mean FG-ARI of adapt={adapt!r} minus predict-only (adapt='never') on the same frames; "
+        "frames are strongly correlated, so no per-frame confidence interval is given"
+    )
+
+
+def _frame_png(args: argparse.Namespace, report: dict[str, Any], kept: Any, kept_never: Any, index: int | None) -> None:
+    import sys
+
+    from tta_runtime.visual import panel, save_png
+
+    if kept is None or kept.annotated is None:
+        print(f"warning: frame {index} was not processed; no {args.frame_png} written", file=sys.stderr)
+        return
+    tiles = [("input", kept.result.image)]
+    if kept_never is not None and kept_never.annotated is not None:
+        tiles.append(("predict only", kept_never.annotated))
+    tiles.append((f"adapt={args.adapt}, frame {kept.index}", kept.annotated))
+    save_png(args.frame_png, panel(tiles, scale=2))
+    echo(args, f"wrote {args.frame_png}")
+    report["frame_png"] = {"path": args.frame_png, "index": kept.index}
 
 
 def _check_output(out: str, source: str, st: StreamStats) -> dict[str, Any]:
     """Read the annotated video back: its frame count, size and rate next to the source's."""
-    from tta_runtime.inputs import _import_cv2
+    from tta_runtime.device import import_cv2
 
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
 
     def probe(path: str) -> tuple[int, list[int], float]:
         cap = cv2.VideoCapture(path)
@@ -245,37 +273,16 @@ def _check_output(out: str, source: str, st: StreamStats) -> dict[str, Any]:
     }
 
 
-def _print_stats(st: StreamStats) -> None:
+def _stats_lines(st: StreamStats) -> list[str]:
     d = st.to_dict()
     f, lat = d["frames"], d["latency_ms"]
-    print(
+    lines = [
         f"{st.source}: {f['in']} frames in, {f['processed']} processed, {f['dropped']} dropped, {f['invalid']} invalid, "
         f"{f['unreadable']} unreadable; stop: {st.stop_reason}"
-    )
+    ]
     if f["processed"]:
-        print(
+        lines.append(
             f"latency p50 {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms, p99 {lat['p99']:.0f} ms; {d['fps']:.1f} fps; "
             f"{d['adaptation']['steps_per_frame_mean']:.2f} steps/frame; resets {dict(st.resets) or 'none'}"
         )
-
-
-def _cmd_bench_stream(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-
-    report = bench_stream(
-        args.model, frames=args.frames, steps_per_frame=args.steps_per_frame, size=args.size, recipe=args.recipe,
-        warmup=args.warmup, progress=True, restore_prob=args.restore_prob,
-    )
-    report["command"] = "tta-runtime " + shlex.join(args.argv)
-    print(
-        f"{report['frames_processed']} frames at {report['fps']:.1f} fps, {report['steps_per_frame']} step(s)/frame: RSS "
-        f"{report['rss_mb_at_warmup']:.1f} MiB at frame {report['warmup_frames']}, peak after "
-        f"{report['peak_rss_mb_after_warmup']:.1f} MiB, growth {report['peak_rss_growth_mb']:+.1f} MiB "
-        f"(target < {report['target_growth_mb']} MiB)"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    return lines

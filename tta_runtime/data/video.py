@@ -1,6 +1,6 @@
 """A procedural video with a distribution shift mid-stream, and its exact instance masks per frame.
 
-The objects are the ``in_dist`` family of :mod:`tta_runtime.scenes` (2-4 flat-coloured circles, squares
+The objects are the ``in_dist`` family of :mod:`tta_runtime.data.scenes` (2-4 flat-coloured circles, squares
 and triangles in the training colours on a plain dim background, same sizes and colour rules, drawn
 with the same shape formulas and colour helpers), now moving: each one drifts in a straight line at
 0.4-1.2 % of the frame side per frame, bounces off the borders and turns slowly. Later objects are
@@ -42,21 +42,20 @@ from pathlib import Path
 
 import numpy as np
 
+# The scene family's own shapes, colours and textures: the video's objects are that family's objects.
+from tta_runtime.data.common import is_int, to_uint8
+from tta_runtime.data.drawing import (
+    RADIUS_FRACTION,
+    background_colour,
+    distinct_colours,
+    pixel_grid,
+    shape_frame,
+    shape_mask,
+)
+from tta_runtime.data.textures import background_texture, texture_gray
+from tta_runtime.device import import_cv2
 from tta_runtime.errors import ConfigError
 from tta_runtime.registry import unknown_name_message
-
-# The scene family's own drawing and colour helpers: the video's objects are that family's objects.
-from tta_runtime.data.scenes import (
-    _BACKGROUND_SAT,
-    _BACKGROUND_VAL,
-    _RADIUS_FRACTION,
-    _background_texture,
-    _distinct_colours,
-    _hsv_to_rgb,
-    _pixel_grid,
-    _regular_polygon,
-    _texture_gray,
-)
 
 __all__ = ["SHIFT_KINDS", "ShiftedVideo", "make_shifted_video", "shifted_frames"]
 
@@ -114,11 +113,11 @@ def shifted_frames(
     rng = np.random.default_rng([seed, 0])
     shift_rng = np.random.default_rng([seed, 1])
     n = int(rng.integers(2, 5))  # like in_dist: 2-4 objects
-    colours = _distinct_colours(rng, n, "training")
-    background = _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(*_BACKGROUND_SAT), rng.uniform(*_BACKGROUND_VAL))
+    colours = distinct_colours(rng, n, "training")
+    background = background_colour(rng)
     objects = []
     for colour in colours:
-        r = rng.uniform(*_RADIUS_FRACTION) * size
+        r = rng.uniform(*RADIUS_FRACTION) * size
         speed, heading = rng.uniform(*_SPEED) * size, rng.uniform(0, 2 * math.pi)
         y, x = rng.uniform(r, size - r, size=2)
         objects.append(_Object(
@@ -127,10 +126,10 @@ def shifted_frames(
             spin=rng.uniform(-_SPIN, _SPIN), y0=y, x0=x,
         ))
     # The shift's own draws, made up front so that the frames before it do not depend on the kind.
-    shifted_background = _background_texture(shift_rng, size) if kind == "textured_background" else None
+    shifted_background = background_texture(shift_rng, size) if kind == "textured_background" else None
     if kind == "textured_objects":
         for obj in objects:
-            obj.texture = _texture_gray(shift_rng, size)
+            obj.texture = texture_gray(shift_rng, size)
     light = _light_field(size) if kind == "lighting" else None
 
     for t in range(frames):
@@ -152,7 +151,7 @@ def shifted_frames(
         if shifted and kind == "noise":
             noise = np.random.default_rng([seed, 2, t]).standard_normal(image.shape, dtype=np.float32)
             image = image + np.float32(_NOISE_SIGMA) * noise
-        yield np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), instances
+        yield to_uint8(image), instances
         for obj in objects:
             _move(obj, size)
 
@@ -168,9 +167,7 @@ def make_shifted_video(
     The mp4 is lossy (MPEG-4 Part 2): decoded frames differ from the rendered ones by a few grey levels,
     the masks are exact. Returns what was written.
     """
-    from tta_runtime.inputs import _import_cv2
-
-    cv2 = _import_cv2()
+    cv2 = import_cv2()
     shift_at = _check(frames, shift_at, kind, size, seed)
     if not (isinstance(fps, (int, float)) and 0 < fps <= 1000):
         raise ConfigError(f"fps must be a number in (0, 1000], got {fps!r}")
@@ -191,7 +188,7 @@ def make_shifted_video(
     masks = video.with_suffix(".npz")
     np.savez_compressed(
         masks, instances=instances, shift_at=np.int64(shift_at), fps=np.float64(fps), seed=np.int64(seed),
-        kind=np.str_(kind), meta=np.str_(json.dumps({"generator": "tta_runtime.video_gen", "size": size})),
+        kind=np.str_(kind), meta=np.str_(json.dumps({"generator": "tta_runtime.data.video", "size": size})),
     )
     return ShiftedVideo(video=video, masks=masks, frames=frames, size=size, fps=float(fps), shift_at=shift_at, kind=kind, seed=seed)
 
@@ -201,9 +198,6 @@ def make_shifted_video(
 
 
 def _check(frames: object, shift_at: object, kind: object, size: object, seed: object) -> int:
-    def is_int(v: object) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
     if not is_int(frames) or int(frames) < 1:  # type: ignore[arg-type]
         raise ConfigError(f"frames must be an int >= 1, got {frames!r}")
     if kind not in SHIFT_KINDS:
@@ -220,16 +214,8 @@ def _check(frames: object, shift_at: object, kind: object, size: object, seed: o
 
 def _object_mask(obj: _Object, size: int) -> np.ndarray:
     """(S, S) bool: the object's shape at its current pose, with the scene family's shape formulas."""
-    y, x = _pixel_grid(size)
-    dy, dx = y - obj.y, x - obj.x
-    cos, sin = math.cos(obj.theta), math.sin(obj.theta)
-    u, v = dx * cos + dy * sin, -dx * sin + dy * cos
-    r = obj.radius
-    if obj.shape == "circle":
-        return u * u + v * v <= r * r
-    if obj.shape == "square":
-        return _regular_polygon(u, v, sides=4, apothem=0.9 * r)
-    return _regular_polygon(u, v, sides=3, apothem=0.5 * 1.35 * r)  # triangle, circumradius 1.35 r
+    u, v = shape_frame(size, obj.y, obj.x, obj.theta)
+    return shape_mask(obj.shape, u, v, obj.radius)
 
 
 def _moving_texture(obj: _Object, size: int) -> np.ndarray:
@@ -240,7 +226,7 @@ def _moving_texture(obj: _Object, size: int) -> np.ndarray:
 
 def _light_field(size: int) -> np.ndarray:
     """(S, S, 3) float32 gain: 1.1 at the top-left corner to 0.45 at the bottom-right, warm tint."""
-    y, x = _pixel_grid(size)
+    y, x = pixel_grid(size)
     ramp = ((y + x) / (2 * size)).astype(np.float32)  # (S, S) in (0, 1)
     gain = 1.1 - 0.65 * ramp
     return gain[..., None] * np.array([1.0, 0.85, 0.6], np.float32)

@@ -3,46 +3,31 @@ recipe measured in the same run.
 
 Protocol (what the JSON says it measured):
 
-* quality: the model's own size (the shipped 32x32 model by default), test scenes (seed 2026; recipes
-  were chosen on seed 1000) of the OOD splits, `n_images` per split. Every configuration adapts every
+* quality: the model's own size (the shipped 32x32 model by default), test scenes (`TEST_SEED`; recipes
+  were chosen on `VAL_SEED`) of the OOD splits, `n_images` per split. Every configuration adapts every
   image; FG-ARI after the last step against FG-ARI before adaptation, pooled over all images: the gain,
   its paired-bootstrap 95% interval, and the gain as a fraction of the faithful recipe's gain (interval by
   resampling the same images for both).
-* configurations: the faithful recipe (`--baseline`, adapters/slot_tta.toml); each lever of the fast recipe
-  alone (the faithful recipe with only that lever's fields taken from the fast one: encoder frozen, pixel
-  subsets, schedule, early stop, Adam state, time budget); the fast recipe (all levers) and any extra
-  recipes; then the batched path (`batched_adapt`: `batch_size` images at once, each with its own
-  weights) on the fast recipe, optionally with the execution levers (torch.compile, CUDA graphs, bf16
-  autocast, fused Adam) one by one and together.
-* time: seconds per image = wall time of the adaptation and its final prediction (`Adapter.run`, the
-  runtime's one loop; for the batched path a batch's time over its size), after one untimed warm-up call
-  (2 steps) per configuration, whose time (compilation included) is `warmup_seconds`; ms per step = loop
-  time over steps run (batched: per image, i.e. the batch's step time over the batch size); images per
-  second = 1 / seconds per image; the ratio to the faithful recipe's seconds per image. On CPU one thread
-  (`torch.set_num_threads(1)`).
-* peak memory: CUDA, `torch.cuda.max_memory_allocated` above what was allocated before the
-  configuration; CPU, the peak resident set (VmHWM) of a fresh process adapting one image (one batch),
-  minus its resident set before adapting.
+* configurations (`bench_adapt_configs`): the faithful recipe (`--baseline`, the `slot_tta` recipe); each
+  lever of the fast recipe alone; the fast recipe (all levers) and any extra recipes; then the batched path
+  (`BatchedAdapter`: `batch_size` images at once, each with its own weights) on the fast recipe,
+  optionally with the execution levers one by one and together.
+* time and peak memory (`bench_adapt_timing`): seconds per image after one untimed warm-up call, ms per
+  step, images per second = 1 / seconds per image, and the ratio to the faithful recipe's seconds per
+  image. On CPU one thread (`torch.set_num_threads(1)`).
 * optionally (`timing_size`), the same configurations timed on a randomly initialised model of that size
   (the paper's 128x128, 11 slots) on generated scenes of that size: time and memory only, no quality.
 
-The acceptance target of issue #9 is recorded with the verdict: the fast recipe keeps >= 90% of the
-faithful gain at <= 1/5 of its seconds per image.
+The acceptance target of issue #9 is recorded with the verdict: the fast recipe keeps at least
+`TARGET_GAIN_FRACTION` of the faithful gain at most `TARGET_TIME_RATIO` of its seconds per image.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
-import multiprocessing
-import os
-import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,255 +35,37 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tta_runtime.adapt.batched import BatchedAdapter, ExecutionOptions
-from tta_runtime.config import AdaptConfig, SegmenterConfig
-from tta_runtime.errors import ConfigError, UnknownNameError
-from tta_runtime.evaluation.segmentation import _one_thread
-from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe
-from tta_runtime.metrics import fg_ari, paired_bootstrap_ci
-from tta_runtime.registry import unknown_name_message
+from tta_runtime.config import AdaptConfig
 from tta_runtime.data.scenes import OOD_SPLITS, SPLITS, TEST_SEED, generate_scenes
-from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, images_to_tensor, segmentation_masks
+from tta_runtime.device import resolve_device
+from tta_runtime.errors import ConfigError, UnknownNameError
+from tta_runtime.evaluation.bench_adapt_configs import (
+    EXEC_LEVERS,
+    LEVERS,
+    BenchConfig,
+    build_configs,
+)
+from tta_runtime.evaluation.bench_adapt_timing import (
+    Measured,
+    bench_model,
+    cpu_peak_memory_mb,
+    run_config,
+    segmentations,
+    timing_image_count,
+    timing_section,
+)
+from tta_runtime.evaluation.common import hardware, interval, one_thread_on_cpu
+from tta_runtime.hub import find_model, load_card, load_recipe
+from tta_runtime.metrics import fg_ari, paired_bootstrap_ci
+from tta_runtime.models.segmenter import images_to_tensor
+from tta_runtime.registry import unknown_name_message
+
+__all__ = ["EXEC_LEVERS", "LEVERS", "TARGET_GAIN_FRACTION", "TARGET_TIME_RATIO", "BenchConfig", "bench_adapt", "build_configs"]
 
 log = logging.getLogger(__name__)
 
 TARGET_GAIN_FRACTION = 0.9
 TARGET_TIME_RATIO = 0.2
-
-# Recipe fields that make up each lever; "alone" = the faithful recipe with these fields from the fast one.
-LEVERS: dict[str, tuple[str, ...]] = {
-    "frozen_encoder": ("params",),
-    "pixel_subset": ("pixel_fraction",),
-    "schedule": ("lr", "steps", "lr_schedule", "warmup_steps", "lr_final_fraction"),
-    "early_stop": ("early_stop_patience", "early_stop_min_delta"),
-    "adam_state": ("optimizer_state",),
-    "time_budget": ("time_budget_ms",),
-}
-EXEC_LEVERS: dict[str, dict[str, Any]] = {
-    "compile": {"compile": "default"},
-    "graphs": {"compile": "reduce-overhead"},  # torch.compile + CUDA graphs
-    "bf16": {"autocast": "bf16"},
-    "fused": {"adam": "fused"},
-    "async": {"sync_every": 100_000},  # the host reads losses and the guard back once, after the last step
-}
-
-
-@dataclass
-class BenchConfig:
-    """One measured configuration: a recipe and how it runs ('loop': the runtime's one loop, one image at a
-    time; 'batched': `BatchedAdapter` with `execution`)."""
-
-    name: str
-    recipe: AdaptConfig
-    runner: str = "loop"
-    execution: ExecutionOptions | None = None
-    levers: list[str] = field(default_factory=list)
-
-    def describe(self, faithful: AdaptConfig) -> dict[str, Any]:
-        base, mine = faithful.model_dump(), self.recipe.model_dump()
-        return {
-            "runner": self.runner, "levers": self.levers, "recipe": self.recipe.name,
-            "recipe_changes_vs_faithful": {k: v for k, v in mine.items() if base[k] != v and k not in ("name", "description")},
-            "execution": None if self.execution is None else self.execution.model_dump(),
-        }
-
-
-def lever_configs(faithful: AdaptConfig, fast: AdaptConfig) -> list[BenchConfig]:
-    """Each lever of `fast` alone on top of `faithful` (only the levers where the two recipes differ)."""
-    out = []
-    for lever, fields in LEVERS.items():
-        changes = {f: getattr(fast, f) for f in fields if getattr(fast, f) != getattr(faithful, f)}
-        if changes:
-            recipe = faithful.model_copy(update={**changes, "name": f"{faithful.name}+{lever}"})
-            out.append(BenchConfig(f"lever:{lever}", AdaptConfig.model_validate(recipe.model_dump()), levers=[lever]))
-    return out
-
-
-def fast_levers(faithful: AdaptConfig, fast: AdaptConfig) -> list[str]:
-    return [lv for lv, fields in LEVERS.items() if any(getattr(fast, f) != getattr(faithful, f) for f in fields)]
-
-
-def build_configs(
-    faithful: AdaptConfig, fast: AdaptConfig, *, extra: Sequence[AdaptConfig] = (), levers: bool = True,
-    batch_sizes: Sequence[int] = (8,), exec_levers: Sequence[str] = (), batched_recipes: Sequence[AdaptConfig] | None = None,
-    compile_backend: str = "inductor",
-) -> list[BenchConfig]:
-    """The default set: faithful, each lever alone, fast (and extras), then the batched path."""
-    unknown = [e for e in exec_levers if e not in EXEC_LEVERS]
-    if unknown:
-        raise UnknownNameError(unknown_name_message("execution lever", unknown[0], list(EXEC_LEVERS)))
-    configs = [BenchConfig("faithful", faithful)]
-    if levers:
-        configs += lever_configs(faithful, fast)
-    configs.append(BenchConfig("fast", fast, levers=fast_levers(faithful, fast)))
-    for r in extra:
-        configs.append(BenchConfig(r.name, r, levers=fast_levers(faithful, r)))
-    for recipe in (fast,) if batched_recipes is None else batched_recipes:
-        label = "fast" if recipe is fast else recipe.name
-        base_levers = fast_levers(faithful, recipe)
-        for b in batch_sizes:
-            variants: list[tuple[str, dict[str, Any], list[str]]] = [("", {}, [])]
-            variants += [(f"+{e}", EXEC_LEVERS[e], [e]) for e in exec_levers]
-            together = [e for e in exec_levers if not (e == "compile" and "graphs" in exec_levers)]  # graphs compiles
-            if len(together) > 1:  # all together
-                merged: dict[str, Any] = {}
-                for e in together:
-                    merged.update(EXEC_LEVERS[e])
-                variants.append(("+" + "+".join(together), merged, together))
-                if "async" in together and len(together) > 2:  # and all but async, for the ratio in one process
-                    rest = [e for e in together if e != "async"]
-                    merged_rest: dict[str, Any] = {}
-                    for e in rest:
-                        merged_rest.update(EXEC_LEVERS[e])
-                    variants.append(("+" + "+".join(rest), merged_rest, rest))
-            for suffix, opts, names in variants:
-                ex = ExecutionOptions(batch_size=b, compile_backend=compile_backend, **opts)
-                configs.append(BenchConfig(f"{label}:batched{b}{suffix}", recipe, "batched", ex, [*base_levers, "vmap", *names]))
-    names_seen = [c.name for c in configs]
-    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
-    if twice:
-        raise ConfigError(f"configurations named twice: {twice} (an extra recipe repeats the fast one, or a batch size is repeated)")
-    return configs
-
-
-# -- measuring -------------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    from tta_runtime.device import resolve_device
-
-    return resolve_device(name, allowed=("cpu", "cuda"))
-
-
-def _threads(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """One thread on CPU, as `eval` (numbers independent of the core count); the GPU as it is."""
-    return _one_thread() if device.type == "cpu" else contextlib.nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _segmentations(model: SlotSegmenter, out: SegmenterOutput, size: int) -> np.ndarray:
-    return segmentation_masks(model.cfg, out).argmax(1).reshape(-1, size, size).cpu().numpy()
-
-
-@dataclass
-class _Measured:
-    seg: np.ndarray  # (n, S, S) predicted segments
-    seconds: list[float]  # per image
-    ms_per_step: list[float]  # per image (batched: the batch's step time over B)
-    steps_run: list[int]
-    warmup_seconds: float
-    peak_memory_mb: float | None = None
-
-
-def run_config(
-    cfg: BenchConfig, model: SlotSegmenter, images: torch.Tensor, *, device: torch.device,
-    training_optimizer_state: dict[str, torch.Tensor] | None = None, progress: bool = False,
-) -> _Measured:
-    """Adapt every image with one configuration after one untimed warm-up call; (n, 3, S, S) images."""
-    from tta_runtime.adapt.loop import Adapter
-
-    model = model.to(device).eval()
-    images = images.to(device)
-    n, size = images.shape[0], images.shape[-1]
-    seg, seconds, ms_step, steps = [], [], [], []
-    mem0 = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        mem0 = torch.cuda.memory_allocated(device)
-    if cfg.runner == "loop":
-        adapter = Adapter(model, cfg.recipe, training_optimizer_state=training_optimizer_state)
-        warm = cfg.recipe.model_copy(update={"steps": min(cfg.recipe.steps, 2)})
-        t = time.perf_counter()
-        adapter.run(images[:1], cfg=warm)
-        _sync(device)
-        warmup = time.perf_counter() - t
-        for i in tqdm(range(n), desc=cfg.name, disable=not progress, leave=False):
-            _sync(device)
-            t = time.perf_counter()
-            out, rep = adapter.run(images[i : i + 1])
-            _sync(device)
-            seconds.append(time.perf_counter() - t)
-            seg.append(_segmentations(model, out, size))
-            steps.append(rep.steps_run)
-            ms_step.append(1e3 * rep.timings["adapt_s"] / max(rep.steps_run, 1))
-    else:
-        assert cfg.execution is not None
-        b = cfg.execution.batch_size
-        adapter = BatchedAdapter(model, cfg.recipe, execution=cfg.execution, training_optimizer_state=training_optimizer_state)
-        t = time.perf_counter()
-        adapter.warmup(images[:b])  # compiles the step when `compile` is on
-        _sync(device)
-        warmup = time.perf_counter() - t
-        for s in tqdm(range(0, n, b), desc=cfg.name, disable=not progress, leave=False):
-            chunk = images[s : s + b]
-            _sync(device)
-            t = time.perf_counter()
-            out, reps = adapter.run(chunk)
-            _sync(device)
-            dt = time.perf_counter() - t
-            seg.append(_segmentations(model, out, size))
-            top = max(r.steps_run for r in reps)
-            for r in reps:
-                seconds.append(dt / len(chunk))
-                steps.append(r.steps_run)
-                ms_step.append(1e3 * r.timings["adapt_s"] / max(top, 1))  # adapt_s is already per image
-    peak = None
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - mem0) / 2**20
-    return _Measured(np.concatenate(seg), seconds, ms_step, steps, warmup, peak)
-
-
-def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident set of this process in MiB (Linux /proc; elsewhere peak from getrusage)."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return peak, peak
-
-
-def _memory_worker(job: dict[str, Any]) -> float:
-    """In a fresh process: adapt one image (one batch) and return the peak resident-set growth in MiB."""
-    torch.set_num_threads(1)
-    model, opt_state = _build_model(job["model"])
-    images = torch.from_numpy(job["images"])
-    cfg = BenchConfig(job["name"], AdaptConfig(**job["recipe"]), job["runner"],
-                      None if job["execution"] is None else ExecutionOptions(**job["execution"]))
-    rss0, _ = _rss_mb()
-    run_config(cfg, model, images, device=torch.device("cpu"), training_optimizer_state=opt_state)
-    _, peak = _rss_mb()
-    return peak - rss0
-
-
-def cpu_peak_memory_mb(cfg: BenchConfig, model_spec: dict[str, Any], images: torch.Tensor) -> float:
-    n = cfg.execution.batch_size if cfg.execution is not None else 1
-    job = {"name": cfg.name, "recipe": cfg.recipe.model_dump(), "runner": cfg.runner, "model": model_spec,
-           "execution": None if cfg.execution is None else cfg.execution.model_dump(), "images": images[:n].numpy()}
-    ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak belongs to this configuration only
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return round(pool.submit(_memory_worker, job).result(), 1)
-
-
-def _build_model(spec: dict[str, Any]) -> tuple[SlotSegmenter, dict[str, torch.Tensor] | None]:
-    """{'kind': 'pretrained', 'name': ...} or {'kind': 'random', 'segmenter': {...}, 'seed': int}."""
-    if spec["kind"] == "pretrained":
-        from tta_runtime.runtime import Runtime
-
-        rt = Runtime.from_pretrained(spec["name"], load_calibration=False)
-        if not isinstance(rt.model, SlotSegmenter):
-            raise ConfigError(f"bench adapt needs a slot segmenter; {rt.name} is a {rt.task} model")
-        assert rt.folder is not None  # loaded from a folder
-        return rt.model, load_optimizer_state(rt.folder, rt.card)
-    torch.manual_seed(spec["seed"])
-    return SlotSegmenter(SegmenterConfig(**spec["segmenter"])).eval(), None
-
-
-# -- the report ------------------------------------------------------------------------------------------
 
 
 def _ratio_ci(after: np.ndarray, faithful: np.ndarray, before: np.ndarray, seed: int, n_boot: int = 2000) -> list[float] | None:
@@ -313,26 +80,6 @@ def _ratio_ci(after: np.ndarray, faithful: np.ndarray, before: np.ndarray, seed:
         return None
     r = g_a[ok] / g_f[ok]
     return [round(float(np.quantile(r, 0.025)), 4), round(float(np.quantile(r, 0.975)), 4)]
-
-
-def _hardware(device: torch.device) -> dict[str, Any]:
-    hw = {"machine": platform.machine(), "processor": platform.processor() or None, "torch": torch.__version__,
-          "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    try:
-        hw["cpu_affinity"] = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                hw["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-        hw["cuda"] = torch.version.cuda
-    return hw
 
 
 def bench_adapt(
@@ -354,7 +101,7 @@ def bench_adapt(
         raise ConfigError(f"n_images must be >= 1, got {n_images}")
     if any(b < 1 for b in batch_sizes):
         raise ConfigError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device, allowed=("cpu", "cuda"))
     faithful, fast_r = load_recipe(baseline), load_recipe(fast)
     extras = [load_recipe(r) for r in extra_recipes]
     named = {r.name: r for r in (faithful, fast_r, *extras)}
@@ -375,7 +122,7 @@ def bench_adapt(
     t_start = time.perf_counter()
     report: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(dev), "hardware": _hardware(dev),
+        "device": str(dev), "hardware": hardware(dev),
         "model": {"name": card.name, "weights_sha256": card.weights.sha256, "resolution": card.preprocessing.size,
                   "slots": card.segmenter.num_slots if card.segmenter else None},
         "protocol": {"splits": list(splits), "n_images_per_split": n_images, "n_images": n_images * len(splits),
@@ -389,18 +136,25 @@ def bench_adapt(
             return None
         return lambda part: checkpoint({**report, key: part, "complete": False})
 
-    if quality:
-        q = _quality_section(
-            all_configs, faithful, fast_r, folder, splits=splits, n_images=n_images, seed=seed, device=dev,
-            memory=memory, progress=progress, checkpoint=partial("configs"),
-        )
-        report["target"].update(q.pop("target", {}))
-        report.update(q)
-    if timing_size is not None:
-        report["timing_model"] = _timing_section(
-            all_configs, size=timing_size, slots=timing_slots, n=timing_images, seed=seed, device=dev,
-            memory=memory, progress=progress, checkpoint=partial("timing_model"),
-        )
+    # One bar for the whole call, one step an adapted image; its description names the section and its
+    # postfix the configuration.
+    total = (len(all_configs) * n_images * len(splits) if quality else 0) + (
+        timing_image_count(all_configs, timing_images) if timing_size is not None else 0
+    )
+    with tqdm(total=total, desc="bench adapt", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        if quality:
+            q = _quality_section(
+                all_configs, faithful, fast_r, folder, splits=splits, n_images=n_images, seed=seed, device=dev,
+                memory=memory, bar=bar, checkpoint=partial("configs"),
+            )
+            report["target"].update(q.pop("target", {}))
+            report.update(q)
+        if timing_size is not None:
+            bar.set_description(f"timing {timing_size}x{timing_size}")
+            report["timing_model"] = timing_section(
+                all_configs, size=timing_size, slots=timing_slots, n=timing_images, seed=seed, device=dev,
+                memory=memory, bar=bar, checkpoint=partial("timing_model"),
+            )
     report["complete"] = True
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     return report
@@ -408,26 +162,26 @@ def bench_adapt(
 
 def _quality_section(
     configs: Sequence[BenchConfig], faithful: AdaptConfig, fast: AdaptConfig, folder: Path, *, splits: Sequence[str],
-    n_images: int, seed: int, device: torch.device, memory: bool, progress: bool,
+    n_images: int, seed: int, device: torch.device, memory: bool, bar: tqdm,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every configuration on the model's own test scenes: FG-ARI, gains, time, memory; the target verdict."""
-    net, opt_state = _build_model({"kind": "pretrained", "name": str(folder)})
+    net, opt_state = bench_model({"kind": "pretrained", "name": str(folder)})
     size = net.cfg.resolution
     data = {s: generate_scenes(s, n_images, seed=seed, size=size) for s in splits}
     images = images_to_tensor(np.concatenate([d[0] for d in data.values()]))
     truth = np.concatenate([d[1] for d in data.values()])
-    with _threads(device), torch.no_grad():
+    with one_thread_on_cpu(device), torch.no_grad():
         net = net.to(device)
-        seg_before = _segmentations(net, net(images.to(device)), size)
+        seg_before = segmentations(net, net(images.to(device)), size)
     before = np.array([fg_ari(truth[i], seg_before[i]) for i in range(len(truth))])
 
     results: dict[str, Any] = {}
     after_by: dict[str, np.ndarray] = {}
     seg_by: dict[str, np.ndarray] = {}
-    with _threads(device):
-        for cfg in tqdm(configs, desc="configs", disable=not progress):
-            m = run_config(cfg, net, images, device=device, training_optimizer_state=opt_state, progress=progress)
+    with one_thread_on_cpu(device):
+        for cfg in configs:
+            m = run_config(cfg, net, images, device=device, training_optimizer_state=opt_state, bar=bar)
             if m.peak_memory_mb is None and memory and device.type == "cpu":
                 m.peak_memory_mb = cpu_peak_memory_mb(cfg, {"kind": "pretrained", "name": str(folder)}, images)
             after = np.array([fg_ari(truth[i], m.seg[i]) for i in range(len(truth))])
@@ -445,8 +199,7 @@ def _quality_section(
             "value": round(r["gain"]["mean"] / g_f, 4) if g_f > 0 else None,
             "ci95": _ratio_ci(after_by[name], after_by["faithful"], before, seed) if g_f > 0 else None,
         }
-        d = paired_bootstrap_ci(after_by[name], after_by["faithful"], seed=seed)
-        r["fg_ari_minus_faithful"] = {"mean": round(d[0], 6), "ci95": [round(d[1], 6), round(d[2], 6)]}
+        r["fg_ari_minus_faithful"] = interval(paired_bootstrap_ci(after_by[name], after_by["faithful"], seed=seed))
     out: dict[str, Any] = {
         "before": {"fg_ari_mean": round(float(before.mean()), 6)},
         "configs": results,
@@ -466,16 +219,15 @@ def _quality_section(
 
 
 def _summarise(
-    cfg: BenchConfig, faithful: AdaptConfig, m: _Measured, after: np.ndarray, before: np.ndarray,
+    cfg: BenchConfig, faithful: AdaptConfig, m: Measured, after: np.ndarray, before: np.ndarray,
     splits: Sequence[str], n_images: int, seed: int,
 ) -> dict[str, Any]:
-    g = paired_bootstrap_ci(after, before, seed=seed)
     sec = float(np.mean(m.seconds))
     return {
         **cfg.describe(faithful),
         "fg_ari_before": round(float(before.mean()), 6),
         "fg_ari_after": round(float(after.mean()), 6),
-        "gain": {"mean": round(g[0], 6), "ci95": [round(g[1], 6), round(g[2], 6)]},
+        "gain": interval(paired_bootstrap_ci(after, before, seed=seed)),
         "gain_per_split": {
             s: round(float((after[k * n_images:(k + 1) * n_images] - before[k * n_images:(k + 1) * n_images]).mean()), 4)
             for k, s in enumerate(splits)
@@ -509,38 +261,3 @@ def _agreement(configs: Sequence[BenchConfig], after_by: dict[str, np.ndarray], 
     return out
 
 
-def _timing_section(
-    configs: Sequence[BenchConfig], *, size: int, slots: int, n: int, seed: int,
-    device: torch.device, memory: bool, progress: bool, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Time and memory of every configuration on a random model of the paper's size (no quality)."""
-    seg_cfg = SegmenterConfig(resolution=size, num_slots=slots)  # the paper's widths and depths
-    spec = {"kind": "random", "segmenter": seg_cfg.model_dump(), "seed": 0}
-    net, _ = _build_model(spec)
-    n_max = max([n, *(c.execution.batch_size for c in configs if c.execution is not None)])
-    images = images_to_tensor(generate_scenes("textured_background", n_max, seed=seed, size=size)[0])
-    rows: dict[str, Any] = {}
-    with _threads(device):
-        for cfg in tqdm(configs, desc=f"timing {size}x{size}", disable=not progress):
-            if cfg.recipe.optimizer_state == "training":  # a random model has no training moments
-                rows[cfg.name] = {"skipped": "optimizer_state='training' needs a trained model's Adam moments"}
-                continue
-            k = cfg.execution.batch_size if cfg.execution is not None else n
-            m = run_config(cfg, net, images[: max(k, n) if cfg.runner == "batched" else n], device=device)
-            if m.peak_memory_mb is None and memory and device.type == "cpu":
-                m.peak_memory_mb = cpu_peak_memory_mb(cfg, spec, images)
-            sec = float(np.mean(m.seconds))
-            rows[cfg.name] = {
-                "runner": cfg.runner, "levers": cfg.levers, "seconds_per_image": round(sec, 5),
-                "images_per_second": round(1 / sec, 3), "ms_per_step": round(float(np.mean(m.ms_per_step)), 3),
-                "steps_run_mean": round(float(np.mean(m.steps_run)), 2), "warmup_seconds": round(m.warmup_seconds, 3),
-                "peak_memory_mb": None if m.peak_memory_mb is None else round(m.peak_memory_mb, 1),
-            }
-            if checkpoint is not None:
-                checkpoint({"configs": rows})
-    f = rows.get("faithful", {}).get("seconds_per_image")
-    for r in rows.values():
-        if f and "seconds_per_image" in r:
-            r["time_ratio_vs_faithful"] = round(r["seconds_per_image"] / f, 4)
-    return {"segmenter": seg_cfg.model_dump(), "init": "random (torch.manual_seed(0))", "n_images": n,
-            "images": f"textured_background, seed {seed}, {size}x{size}", "configs": rows}

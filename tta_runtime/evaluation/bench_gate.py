@@ -1,8 +1,8 @@
-"""Benchmarks that write JSON: figures are ratios measured in one run, on whatever device runs them.
+"""`tta-runtime bench gate`: OOD-gated adaptation on a mixed stream (half in-distribution, half shifted scenes).
 
-`bench_gate`: OOD-gated adaptation on a mixed stream (half in-distribution, half shifted scenes).
 The same images go through an always-adapting runtime and a `when_ood` one; the JSON reports the
-gated run's share of the adaptation compute (steps and seconds) and of the segmentation gain.
+gated run's share of the adaptation compute (steps and seconds) and of the segmentation gain. Shares
+are ratios within one run, on whatever device runs it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tta_runtime.evaluation.segmentation import TEST_SEED, _one_thread
+from tta_runtime.data.scenes import TEST_SEED, generate_scenes
+from tta_runtime.evaluation.common import one_thread
 from tta_runtime.metrics import fg_ari
 from tta_runtime.runtime import Runtime
-from tta_runtime.data.scenes import generate_scenes
 
 
 def mixed_stream(n_images: int, shifts: Sequence[str], *, seed: int, size: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -52,7 +52,7 @@ def bench_gate(
     gated = Runtime.from_pretrained(model, adapt="when_ood", ood_scorer=scorer, **extra)
     stream = mixed_stream(n_images, shifts, seed=seed, size=always.input_size)
     rows = []
-    with _one_thread():  # like `eval`: numbers independent of the machine's core count
+    with one_thread():  # like `eval`: numbers independent of the machine's core count
         for split, image, truth in tqdm(stream, desc="stream", disable=not progress):
             before = always.predict(image)
             t = time.perf_counter()

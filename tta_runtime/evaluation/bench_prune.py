@@ -1,7 +1,7 @@
 """FTWT pruning of a shipped CNN classifier: train a variant into the model folder, and the pruning benchmark.
 
 `prune_train` (``tta-runtime prune train``) fine-tunes the backbone with FTWT masks and trains the predictors
-(``tta_runtime.pruning.train_ftwt``), then writes ``<model>/prune/<name>/`` so that
+(``train_ftwt``), then writes ``<model>/prune/<name>/`` so that
 ``Runtime.from_pretrained(model, prune=name)`` loads it.
 
 `bench_prune` (``tta-runtime bench prune --json PATH``) does that for several r and reports, on the clean test
@@ -41,23 +41,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_runtime.models.classifier import CNNClassifier, images_to_tensor, load_classifier
 from tta_runtime.data.digits import load_digits
 from tta_runtime.errors import ConfigError
 from tta_runtime.hub import find_model
+from tta_runtime.models.classifier import (
+    CNNClassifier,
+    images_to_tensor,
+    load_classifier,
+)
 from tta_runtime.prune.ftwt import (
     BucketedClassifier,
     FTWTClassifier,
     GatheredClassifier,
     PrunedClassifier,
+    fit_buckets,
+    fit_static_ks,
     interleaved_latency,
     predictor_macs,
     save_pruned,
-    fit_buckets,
-    fit_static_ks,
     train_ftwt,
     unit_macs,
 )
+from tta_runtime.training.classifier import augment
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ def _digits_model(model: str) -> tuple[CNNClassifier, Any, Path]:
     if card.classifier is None or card.classifier.norm != "batch":
         raise ConfigError(
             f"prune train / bench prune need a CNN classifier with BatchNorm (the gather path folds it); {card.name!r} "
-            "is not one (try digits-cnn-bn; the slot segmenter's encoder is pruned by scripts/ftwt_segmenter.py)"
+            "is not one (try digits-cnn-bn; the slot segmenter's encoder is pruned by train_ftwt_segmenter)"
         )
     return backbone, card, folder
 
@@ -88,13 +93,11 @@ def prune_train(
 ) -> tuple[PrunedClassifier, dict[str, Any]]:
     """Train an FTWT variant of ``model`` at ``r``, evaluate it on the digits val and test splits and (``save``)
     write it to ``<model>/prune/<name>/`` (default name ``r<r>``). Returns the module and its metrics."""
-    from tta_runtime.training.classifier import _augment
-
     backbone, card, folder = _digits_model(model)
     x_tr, y_tr = load_digits("train")
     t0 = time.perf_counter()
     ftwt, tlog = train_ftwt(
-        backbone, x_tr, y_tr, r=r, epochs=epochs, augment=_augment, predictor_optimizer="adam",
+        backbone, x_tr, y_tr, r=r, epochs=epochs, augment=augment, predictor_optimizer="adam",
         lr_predictor=1e-2, lr_backbone=1e-2, seed=seed, static_quantile=static_quantile,
     )
     seconds = time.perf_counter() - t0
@@ -109,7 +112,7 @@ def prune_train(
         metrics[f"{split}_macs_reduction"] = round(1 - float(pruned.macs_fraction().mean()), 4)
     training = {
         "command": command, "r": r, "epochs": epochs, "static_quantile": static_quantile, "seed": seed,
-        "seconds": round(seconds, 1), "data": "tta_runtime.digits 'train' split",
+        "seconds": round(seconds, 1), "data": "tta_runtime.data.digits 'train' split",
         "hardware": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
     }
     if save:
@@ -234,11 +237,9 @@ def adaptation_errors(
 
 def _train(model: str, r: float, epochs: int, **kw: Any) -> tuple[FTWTClassifier, Any]:
     """An FTWT variant with prune_train's recipe (for the benchmark's dynamic and bucket variants)."""
-    from tta_runtime.training.classifier import _augment
-
     backbone, _, _ = _digits_model(model)
     x_tr, y_tr = load_digits("train")
-    return train_ftwt(backbone, x_tr, y_tr, r=r, epochs=epochs, augment=_augment, predictor_optimizer="adam",
+    return train_ftwt(backbone, x_tr, y_tr, r=r, epochs=epochs, augment=augment, predictor_optimizer="adam",
                       lr_predictor=1e-2, lr_backbone=1e-2, seed=0, **kw)
 
 

@@ -2,16 +2,16 @@
 
 Protocol (what the JSON says it measured):
 
-* data: the digits test split (`tta_runtime.digits`, 539 real images, 32x32), corrupted by the 15
-  benchmark corruptions of the suite (CIFAR-10-C's; `digits.BENCHMARK_CORRUPTIONS`) at the chosen severities with `corruption_seed` (never the seed recipes were
-  chosen on); error = 1 - accuracy on the corrupted images.
+* data: the digits test split (`tta_runtime.data.digits`, 539 real images, 32x32), corrupted by the 15
+  benchmark corruptions of the suite (CIFAR-10-C's; `BENCHMARK_CORRUPTIONS`) at the chosen severities with
+  `corruption_seed` (never the seed recipes were chosen on); error = 1 - accuracy on the corrupted images.
 * batch size 1 (our main use): every method episodic, one image at a time, reset after each image.
 * batch size 64: the standard online protocol of Tent's paper: batches of 64 in order, the model carries
   its adapted state from batch to batch within one corruption x severity, and is reset between them.
 * "none" is the frozen model; the relative reduction of a method is (none - method) / none of the mean
   error over corruptions.
 * continual: one stream of `continual_images` images whose corruption changes every `segment` images
-  (`digits.corruption_stream`), adapted continually with the runtime's reset policy (`reset_every`,
+  (`corruption_stream`), adapted continually with the runtime's reset policy (`reset_every`,
   plus the method's own collapse signal), against the same method episodic and the frozen model, with
   the error over each window of `window` images. A PNG plot of the error over time is written beside
   the JSON.
@@ -33,9 +33,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from tta_runtime.data.digits import (
+    BENCHMARK_CORRUPTIONS,
+    CORRUPTIONS,
+    corrupt,
+    corruption_stream,
+    load_digits,
+)
 from tta_runtime.errors import ConfigError
+from tta_runtime.evaluation.common import progress_bar
+from tta_runtime.hub import find_model, load_card, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +89,13 @@ def run_method(
 def bench_suite(
     model: str = "digits-cnn-bn", *, methods: Sequence[str] = DEFAULT_METHODS, corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = (5,), batch_sizes: Sequence[int] = (1, 64), n_images: int | None = None,
-    split: str = "test", seed: int = CORRUPTION_SEED, progress: bool = True,
+    split: str = "test", seed: int = CORRUPTION_SEED, progress: bool = True, bar: tqdm | None = None,
 ) -> dict[str, Any]:
-    """Error per corruption x severity x method for each batch size (see the module docstring)."""
-    from tta_runtime.data.digits import BENCHMARK_CORRUPTIONS, CORRUPTIONS, corrupt, load_digits
+    """Error per corruption x severity x method for each batch size (see the module docstring).
 
+    `progress`: one bar over the runs (batch size x method x corruption x severity); `bar`: advance the
+    caller's bar instead.
+    """
     corruptions = list(corruptions or BENCHMARK_CORRUPTIONS)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown:
@@ -95,48 +106,54 @@ def bench_suite(
     sets = {(c, s): corrupt(images, c, s, seed=seed) for c in corruptions for s in severities}
     out: dict[str, Any] = {}
     total = len(batch_sizes) * len(methods) * len(sets)
-    bar = tqdm(total=total, disable=not progress, desc="bench tta", dynamic_ncols=True)
-    for bs in batch_sizes:
-        per_method: dict[str, Any] = {}
-        for method in methods:
-            if bs > 1 and method in SINGLE_IMAGE_METHODS:
-                per_method[method] = {"skipped": "a single-image method (MEMO adapts on one image's augmentations)"}
-                bar.update(len(sets))
-                continue
-            errors: dict[str, dict[str, float]] = {}
-            seconds = []
-            for (c, s), x in sets.items():
-                pred, sec = run_method(model, method, x, batch=bs, online=bs > 1)
-                errors.setdefault(c, {})[str(s)] = float((pred != labels).mean())
-                seconds.append(sec)
-                bar.set_postfix(bs=bs, method=method)
-                bar.update(1)
-            mean = float(np.mean([e for per in errors.values() for e in per.values()]))
-            per_method[method] = {"errors": errors, "mean_error": mean, "seconds_per_image": float(np.mean(seconds))}
-        none = per_method.get("none", {}).get("mean_error")
-        for m, rec in per_method.items():
-            if "skipped" in rec:
-                continue
-            rec["relative_reduction"] = None if not none else (none - rec["mean_error"]) / none
-        out[str(bs)] = {"protocol": "online within each corruption x severity" if bs > 1 else "episodic per image",
-                        "methods": per_method}
-    bar.close()
+    with progress_bar(total, "bench tta", enabled=progress, bar=bar) as runs_bar:
+        for bs in batch_sizes:
+            out[str(bs)] = _suite_at_batch_size(model, methods, sets, labels, bs, runs_bar)
     return out
+
+
+def _suite_at_batch_size(
+    model: str, methods: Sequence[str], sets: dict[tuple[str, int], np.ndarray], labels: np.ndarray, bs: int, bar: tqdm,
+) -> dict[str, Any]:
+    """`bench_suite` at one batch size: every method on every corrupted set."""
+    per_method: dict[str, Any] = {}
+    for method in methods:
+        if bs > 1 and method in SINGLE_IMAGE_METHODS:
+            per_method[method] = {"skipped": "a single-image method (MEMO adapts on one image's augmentations)"}
+            bar.update(len(sets))
+            continue
+        errors: dict[str, dict[str, float]] = {}
+        seconds = []
+        for (c, s), x in sets.items():
+            pred, sec = run_method(model, method, x, batch=bs, online=bs > 1)
+            errors.setdefault(c, {})[str(s)] = float((pred != labels).mean())
+            seconds.append(sec)
+            bar.set_postfix(bs=bs, method=method)
+            bar.update(1)
+        mean = float(np.mean([e for per in errors.values() for e in per.values()]))
+        per_method[method] = {"errors": errors, "mean_error": mean, "seconds_per_image": float(np.mean(seconds))}
+    none = per_method.get("none", {}).get("mean_error")
+    for rec in per_method.values():
+        if "skipped" in rec:
+            continue
+        rec["relative_reduction"] = None if not none else (none - rec["mean_error"]) / none
+    return {"protocol": "online within each corruption x severity" if bs > 1 else "episodic per image",
+            "methods": per_method}
 
 
 def bench_continual(
     model: str = "digits-cnn-bn", *, method: str = "tent_continual", episodic: Sequence[str] | None = None,
     n_images: int = 10_000, segment: int = 500, window: int = 500, reset_every: int | None = 1_000,
     collapse_window: int | None = 50, severity: int | None = 5, seed: int = CORRUPTION_SEED, progress: bool = True,
+    bar: tqdm | None = None,
 ) -> dict[str, Any]:
     """A continual recipe vs episodic recipes vs the frozen model on one long stream (batch size 1).
 
     `episodic`: recipes run episodically on the same stream (default: `method` itself, its episodic
     counterpart, and "tent", the batch-1 episodic recipe). The continual runtime uses the reset policy
-    `reset_every` + `collapse_window` (+ the method's own signal).
+    `reset_every` + `collapse_window` (+ the method's own signal). `progress`: one bar over the stream's
+    images; `bar`: advance the caller's bar instead.
     """
-    from tta_runtime.data.digits import corruption_stream
-
     if window < 1 or n_images < 1:
         raise ConfigError(f"need window >= 1 and n_images >= 1, got window={window}, n_images={n_images}")
     window = min(window, n_images)
@@ -150,14 +167,17 @@ def bench_continual(
     frozen = _runtime(model, None)
     wrong = {k: np.zeros(n_images, bool) for k in ("continual", *episodic_rts, "none")}
     resets = 0
-    for i in tqdm(range(n_images), disable=not progress, desc=f"continual {method}", dynamic_ncols=True):
-        x = images[i]
-        rc = continual.adapt_and_predict(x)
-        resets += bool(rc.adaptation is not None and rc.adaptation.reset)
-        wrong["continual"][i] = rc.label != labels[i]
-        for k, rt in episodic_rts.items():
-            wrong[k][i] = rt.adapt_and_predict(x).label != labels[i]
-        wrong["none"][i] = frozen.predict(x).label != labels[i]
+    with progress_bar(n_images, f"continual {method}", enabled=progress, bar=bar, unit="image") as images_bar:
+        images_bar.set_postfix_str(f"continual {method}")
+        for i in range(n_images):
+            x = images[i]
+            rc = continual.adapt_and_predict(x)
+            resets += bool(rc.adaptation is not None and rc.adaptation.reset)
+            wrong["continual"][i] = rc.label != labels[i]
+            for k, rt in episodic_rts.items():
+                wrong[k][i] = rt.adapt_and_predict(x).label != labels[i]
+            wrong["none"][i] = frozen.predict(x).label != labels[i]
+            images_bar.update(1)
     n_win = n_images // window
     curves = {k: [float(v[j * window : (j + 1) * window].mean()) for j in range(n_win)] for k, v in wrong.items()}
     gaps = {
@@ -191,9 +211,10 @@ def bench_tta(
     n_images: int | None = None, continual_methods: Sequence[str] = ("tent_continual",), continual_images: int = 10_000,
     reset_every: int | None = 1_000, collapse_window: int | None = 50, command: str = "", progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the suite and the continual runs; write the JSON (and `<json stem>_continual_<method>.png`)."""
-    from tta_runtime.hub import find_model, load_card
+    """Run the suite and the continual runs; write the JSON (and `<json stem>_continual_<method>.png`).
 
+    `progress`: one bar for the whole call (the suite's runs, then the continual streams' images).
+    """
     json_path = Path(json_path)
     card = load_card(find_model(model))
     if card.task != "classification":
@@ -205,19 +226,22 @@ def bench_tta(
         "split": "test", "corruption_seed": CORRUPTION_SEED, "severities": list(severities),
         "recipes": {m: _recipe_summary(m) for m in methods if m != "none"},
     }
-    report["batch_sizes"] = {} if not batch_sizes else bench_suite(
-        model, methods=methods, corruptions=corruptions, severities=severities, batch_sizes=batch_sizes,
-        n_images=n_images, progress=progress,
-    )
-    report["continual"] = {}
-    for m in continual_methods:
-        rec = bench_continual(
-            model, method=m, n_images=continual_images, reset_every=reset_every, collapse_window=collapse_window,
-            progress=progress,
+    n_runs = len(batch_sizes) * len(methods) * len(corruptions or BENCHMARK_CORRUPTIONS) * len(severities)
+    with tqdm(total=n_runs + len(continual_methods) * continual_images, desc="bench tta", disable=not progress,
+              dynamic_ncols=True) as bar:
+        report["batch_sizes"] = {} if not batch_sizes else bench_suite(
+            model, methods=methods, corruptions=corruptions, severities=severities, batch_sizes=batch_sizes,
+            n_images=n_images, bar=bar,
         )
-        png = plot_continual(rec, json_path.with_name(f"{json_path.stem}_continual_{m}.png"))
-        rec["plot"] = png.name
-        report["continual"][m] = rec
+        report["continual"] = {}
+        for m in continual_methods:
+            rec = bench_continual(
+                model, method=m, n_images=continual_images, reset_every=reset_every, collapse_window=collapse_window,
+                bar=bar,
+            )
+            png = plot_continual(rec, json_path.with_name(f"{json_path.stem}_continual_{m}.png"))
+            rec["plot"] = png.name
+            report["continual"][m] = rec
     report["seconds"] = time.perf_counter() - t0
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -225,7 +249,5 @@ def bench_tta(
 
 
 def _recipe_summary(name: str) -> dict[str, Any]:
-    from tta_runtime.hub import load_recipe
-
     r = load_recipe(name)
     return {k: v for k, v in r.model_dump().items() if k not in ("description",)}

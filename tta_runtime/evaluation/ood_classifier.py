@@ -2,8 +2,8 @@
 
 Fitting: the classifier's pooled features and logits on the clean digits TRAIN split (class labels for
 the class-conditional scorers), the threshold at `tpr` on the clean VAL split (images the scorers did
-not see). Evaluation: the clean TEST split as negatives, each corruption of the suite (test split,
-corruption seed 2026) as positives; AUROC / AUPR / FPR@95 per corruption, then the mean per family
+not see). Evaluation: the clean TEST split as negatives, each corruption of the suite (test split, a
+fixed corruption seed) as positives; AUROC / AUPR / FPR@95 per corruption, then the mean per family
 (noise, blur, weather, digital) and severity.
 
 Only generic classifier signals are used (`OODFeatures.logits`, `.embedding` = the pooled features), so
@@ -18,16 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_TPR, Calibration, OODFeatures, aupr, auroc, calibrate, fpr_at_tpr, make_scorer
+from tta_runtime.data.digits import CORRUPTIONS, corrupt, load_digits
+from tta_runtime.evaluation.ood import detection_metrics
+from tta_runtime.models.classifier import set_norm_mode
+from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_TPR, Calibration, OODFeatures, calibrate, make_scorer
 
 log = logging.getLogger(__name__)
+
+__all__ = ["classifier_features", "eval_ood_classifier", "fit_ood_classifier"]
 
 
 def classifier_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> OODFeatures:
     """Logits and pooled features (numpy float64) of uint8 images (N, S, S, 3), source BatchNorm statistics."""
-    from tta_runtime.models.classifier import set_norm_mode
-
     set_norm_mode(model, "source")
     parts = []
     with torch.inference_mode():
@@ -43,8 +47,6 @@ def fit_ood_classifier(
     weights_sha256: str | None = None,
 ) -> dict[str, Calibration]:
     """Fit every scorer on the digits train split and threshold it on the val split."""
-    from tta_runtime.data.digits import load_digits
-
     size = model.cfg.resolution  # type: ignore[attr-defined]
     train_x, train_y = load_digits("train", size)
     val_x, _ = load_digits("val", size)
@@ -63,11 +65,12 @@ def fit_ood_classifier(
 
 def eval_ood_classifier(
     model: torch.nn.Module, calibrations: dict[str, Calibration], *, severities: Sequence[int] = (1, 3, 5),
-    corruptions: Sequence[str] | None = None, seed: int = 2_026,
+    corruptions: Sequence[str] | None = None, seed: int = 2_026, progress: bool = False,
 ) -> dict[str, Any]:
-    """AUROC, AUPR, FPR@95 and the flagged fraction per corruption x severity and scorer; family means."""
-    from tta_runtime.data.digits import CORRUPTIONS, corrupt, load_digits
+    """AUROC, AUPR, FPR@95 and the flagged fraction per corruption x severity and scorer; family means.
 
+    `progress`: one bar over the corruption x severity pairs.
+    """
     size = model.cfg.resolution  # type: ignore[attr-defined]
     test_x, _ = load_digits("test", size)
     base_f = classifier_features(model, test_x)
@@ -79,18 +82,17 @@ def eval_ood_classifier(
         "in_dist": {n: {"flagged": float(np.mean(calibrations[n].is_ood(s)))} for n, s in base.items()},
         "corruptions": {},
     }
-    for c in names:
-        for sev in severities:
-            f = classifier_features(model, corrupt(test_x, c, sev, seed=seed))
-            report["corruptions"].setdefault(c, {})[str(sev)] = {
-                n: {
-                    "auroc": round(auroc(base[n], sc := cal.score(f)), 6), "aupr": round(aupr(base[n], sc), 6),
-                    "fpr95": round(fpr_at_tpr(base[n], sc), 6), "flagged": round(float(np.mean(cal.is_ood(sc))), 6),
+    with tqdm(total=len(names) * len(severities), desc="ood eval", disable=not progress) as bar:
+        for c in names:
+            bar.set_postfix_str(c)
+            for sev in severities:
+                f = classifier_features(model, corrupt(test_x, c, sev, seed=seed))
+                report["corruptions"].setdefault(c, {})[str(sev)] = {
+                    n: detection_metrics(base[n], cal.score(f), cal) for n, cal in calibrations.items()
                 }
-                for n, cal in calibrations.items()
-            }
+                bar.update()
     families: dict[str, Any] = {}
-    for fam in sorted(set(CORRUPTIONS[c] for c in names)):
+    for fam in sorted({CORRUPTIONS[c] for c in names}):
         members = [c for c in names if CORRUPTIONS[c] == fam]
         families[fam] = {
             str(sev): {

@@ -9,12 +9,11 @@ same seeds, so a re-run reproduces the JSON exactly.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import platform
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +22,24 @@ import torch
 from tqdm.auto import tqdm
 
 from tta_runtime.config import AdaptConfig, SegmenterConfig
+from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, generate_scenes
 from tta_runtime.errors import ConfigError
+from tta_runtime.evaluation.common import interval, one_thread, progress_bar
 from tta_runtime.hub import load_recipe
 from tta_runtime.metrics import bootstrap_ci, paired_bootstrap_ci, segmentation_metrics
-from tta_runtime.runtime import Runtime
-from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, generate_scenes
 from tta_runtime.models.segmenter import SegmenterOutput, segmentation_masks
+from tta_runtime.models.unet import load_feedforward, predict_segmentation
+from tta_runtime.runtime import Runtime
 
 METRICS = ("fg_ari", "ari", "miou")
 
 
-def _summary(values: Sequence[float], seed: int) -> dict[str, float]:
-    mean, lo, hi = bootstrap_ci(np.asarray(values, dtype=np.float64), seed=seed)
-    return {"mean": round(mean, 6), "ci95": [round(lo, 6), round(hi, 6)]}
+def _summary(values: Sequence[float], seed: int) -> dict[str, Any]:
+    return interval(bootstrap_ci(np.asarray(values, dtype=np.float64), seed=seed))
 
 
 def _segment(cfg: SegmenterConfig, out: SegmenterOutput, size: int) -> np.ndarray:
     return segmentation_masks(cfg, out)[0].argmax(0).reshape(size, size).cpu().numpy()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Adaptation runs 150 chaotic steps: a different thread count changes float sums in the last bit and,
-    sometimes, a mask pixel. Evaluation always runs single-threaded so its numbers reproduce anywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward")
@@ -59,29 +47,31 @@ VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward")
 
 def evaluate_split(
     runtime: Runtime, split: str, n_images: int, *, seed: int = TEST_SEED, adapt: AdaptConfig, baseline: AdaptConfig | None,
-    feedforward: torch.nn.Module | None = None, progress: bool = False,
+    feedforward: torch.nn.Module | None = None, progress: bool = False, bar: tqdm | None = None,
 ) -> dict[str, Any]:
-    """Per-image metrics for one split and their summaries (single-threaded: see `_one_thread`)."""
-    with _one_thread():
-        return _evaluate_split(runtime, split, n_images, seed, adapt, baseline, feedforward, progress)
+    """Per-image metrics for one split and their summaries (single-threaded: see `one_thread`).
+
+    `progress`: show a bar over the images; `bar`: advance the caller's bar instead (one image a step).
+    """
+    with one_thread(), progress_bar(n_images, split, enabled=progress, bar=bar, unit="image") as images_bar:
+        return _evaluate_split(runtime, split, n_images, seed, adapt, baseline, feedforward, images_bar)
 
 
 def _evaluate_split(
     runtime: Runtime, split: str, n_images: int, seed: int, adapt: AdaptConfig, baseline: AdaptConfig | None,
-    feedforward: torch.nn.Module | None, progress: bool,
+    feedforward: torch.nn.Module | None, bar: tqdm,
 ) -> dict[str, Any]:
     size = runtime.input_size
     images, truth = generate_scenes(split, n_images, seed=seed, size=size)
     per: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in VARIANTS}
     if feedforward is not None:  # the supervised U-Net without a slot bottleneck, on the same images
-        from tta_runtime.training.feedforward import predict_segmentation
-
         for i, seg in enumerate(predict_segmentation(feedforward, images)):
             for m, v in segmentation_metrics(truth[i], seg).items():
                 per["feedforward"][m].append(v)
     best_steps: list[int] = []
     seconds: dict[str, list[float]] = {"predict": [], "slot_tta": [], "entropy": []}
-    for i in tqdm(range(n_images), desc=split, disable=not progress, leave=False):
+    bar.set_postfix_str(split)
+    for i in range(n_images):
         t = time.perf_counter()
         before = runtime.predict(images[i])
         seconds["predict"].append(time.perf_counter() - t)
@@ -114,17 +104,16 @@ def _evaluate_split(
             seconds["entropy"].append(time.perf_counter() - t)
             for m, v in segmentation_metrics(truth[i], ent.segmentation).items():
                 per["entropy"][m].append(v)
+        bar.update(1)
 
     out: dict[str, Any] = {"n_images": n_images, "seed": seed}
     for variant, metrics in per.items():
         if not metrics["fg_ari"]:
             continue
         out[variant] = {m: _summary(vals, seed) for m, vals in metrics.items()}
-    gain = paired_bootstrap_ci(per["slot_tta"]["fg_ari"], per["before"]["fg_ari"], seed=seed)
-    out["slot_tta_gain_fg_ari"] = {"mean": round(gain[0], 6), "ci95": [round(gain[1], 6), round(gain[2], 6)]}
+    out["slot_tta_gain_fg_ari"] = interval(paired_bootstrap_ci(per["slot_tta"]["fg_ari"], per["before"]["fg_ari"], seed=seed))
     if per["entropy"]["fg_ari"]:
-        g = paired_bootstrap_ci(per["entropy"]["fg_ari"], per["before"]["fg_ari"], seed=seed)
-        out["entropy_gain_fg_ari"] = {"mean": round(g[0], 6), "ci95": [round(g[1], 6), round(g[2], 6)]}
+        out["entropy_gain_fg_ari"] = interval(paired_bootstrap_ci(per["entropy"]["fg_ari"], per["before"]["fg_ari"], seed=seed))
     out["oracle_best_step_median"] = float(np.median(best_steps))
     out["per_image"] = {v: {m: [round(x, 6) for x in vals] for m, vals in ms.items()} for v, ms in per.items() if ms["fg_ari"]}
     out["timing"] = {f"{k}_seconds_per_image": round(float(np.mean(v)), 4) for k, v in seconds.items() if v}
@@ -136,8 +125,6 @@ def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
     runtime = Runtime.from_pretrained(job["model"], device=job["device"])
     feedforward = None
     if job["feedforward"] is not None:
-        from tta_runtime.training.feedforward import load_feedforward
-
         feedforward = load_feedforward(job["feedforward"])
     return evaluate_split(
         runtime, job["split"], job["n_images"], seed=job["seed"], adapt=AdaptConfig(**job["adapt"]),
@@ -160,6 +147,7 @@ def evaluate(
     adapt = load_recipe(recipe or runtime.recipe.name, **extra)
     base = load_recipe(baseline, **extra) if baseline else None
     t0 = time.perf_counter()
+    bar = tqdm(total=len(splits) * n_images, desc="eval", unit="image", disable=not progress, dynamic_ncols=True)
     if jobs > 1:
         if runtime.folder is None:
             raise ConfigError("jobs > 1 needs a runtime loaded from a model folder (workers reload it)")
@@ -170,21 +158,23 @@ def evaluate(
             for split in splits
         ]
         ctx = multiprocessing.get_context("spawn")  # no fork: torch state is not fork-safe
+        parts: dict[str, dict[str, Any]] = {}
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            parts = list(tqdm(pool.map(_split_worker, work), total=len(work), desc="splits", disable=not progress))
-        results = dict(zip(splits, parts, strict=True))
+            futures = {pool.submit(_split_worker, job): job["split"] for job in work}
+            for future in as_completed(futures):  # a worker reports when its whole split is done
+                parts[futures[future]] = future.result()
+                bar.set_postfix_str(f"{futures[future]} done")
+                bar.update(n_images)
+        results = {split: parts[split] for split in splits}
     else:
         ff_model = None
         if feedforward is not None:
-            from tta_runtime.training.feedforward import load_feedforward
-
-            ff_model = load_feedforward(feedforward)
+                ff_model = load_feedforward(feedforward)
         results = {
-            split: evaluate_split(
-                runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, progress=progress
-            )
-            for split in tqdm(splits, desc="splits", disable=not progress)
+            split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, bar=bar)
+            for split in splits
         }
+    bar.close()
     ood = [s for s in splits if s != "in_dist"]
     summary: dict[str, Any] = {}
     if ood:
@@ -198,9 +188,8 @@ def evaluate(
             if all(variant in results[s]["per_image"] for s in ood):
                 after = np.concatenate([results[s]["per_image"][variant]["fg_ari"] for s in ood])
                 before = np.concatenate([results[s]["per_image"]["before"]["fg_ari"] for s in ood])
-                g = paired_bootstrap_ci(after, before, seed=seed)
                 summary[f"{variant}_gain_fg_ari_pooled_ood_images"] = {
-                    "mean": round(g[0], 6), "ci95": [round(g[1], 6), round(g[2], 6)], "n_images": int(len(after)),
+                    **interval(paired_bootstrap_ci(after, before, seed=seed)), "n_images": int(len(after)),
                 }
     return {
         "model": runtime.name,

@@ -15,23 +15,19 @@ then a position embedding: (B, 3, S, S) -> (B, S*S, D). Unit u is conv u + ReLU.
 
 ``PrunedSegmenter`` keeps ``SlotSegmenter``'s parameter names (recipes' ``params`` such as "no_encoder",
 the Adapter and the exporters see the same model) and adds ``predictors``; only ``encode`` changes.
-Adaptation composes with pruning through ``fixed_masks()`` (``tta_runtime.pruning.FixedMasks``): the
+Adaptation composes with pruning through ``fixed_masks()`` (``tta_runtime.prune.fixed.FixedMasks``): the
 runtime opens the block around the adaptation loop, the loop's first forward chooses the channels and every
-later step computes with them (the decisions do not drift while the weights adapt). Costs are theoretical MACs (``encoder_macs``): masks are multiplied onto full convolutions,
-so the PyTorch path is not faster; a gather path would be (see ``tta_runtime.pruning``).
+later step computes with them (the decisions do not drift while the weights adapt). Costs are theoretical
+MACs (``encoder_macs``): masks are multiplied onto full convolutions, so the PyTorch path is not faster; a
+gather path would be (see ``tta_runtime.prune.fast``).
 
-``train_ftwt_segmenter`` is FTWT's decoupled training with the segmenter's own training loss
-(``tta_runtime.train``: reconstruction MSE + mask_weight x Hungarian-matched mask BCE) in place of CE.
+Training (FTWT's decoupled training with the segmenter's own loss) lives in ``tta_runtime.training.ftwt``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +35,19 @@ from torch import nn
 
 from tta_runtime.config import SegmenterConfig
 from tta_runtime.errors import ConfigError, InvalidInputError
-from tta_runtime.prune.ftwt import FixedMasks, MaskPredictor, choose_masks, ftwt_targets
-from tta_runtime.data.scenes import TRAIN_SEED, generate_scenes
-from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, images_to_tensor, reconstruction_loss
+from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter
+from tta_runtime.prune.fixed import FixedMasks
+from tta_runtime.prune.predictors import MaskPredictor, choose_masks, ftwt_targets
 
 __all__ = [
     "FTWTSegmenterOutput",
     "PrunedSegmenter",
-    "SegmenterFTWTLog",
     "encoder_macs",
     "encoder_predictor_macs",
     "encoder_widths",
     "model_macs",
     "pruned_units",
-    "train_ftwt_segmenter",
 ]
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,138 +218,9 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
     def macs_fraction(self) -> torch.Tensor:
         """(B,) encoder conv MACs plus predictor MACs of the latest forward as a fraction of the dense
         encoder's conv MACs. The predictors always count, so all-ones masks give 1 + (predictor MACs / dense
-        encoder MACs), about 1 + 2e-5 for slot-shapes-32."""
+        encoder MACs)."""
         kept = self.kept().to(torch.float64)
         full = torch.tensor([encoder_widths(self.cfg)], dtype=torch.float64)
         spent = encoder_macs(self.cfg, kept).sum(1)
         spent = spent + encoder_predictor_macs(self.cfg, kept)
         return spent / encoder_macs(self.cfg, full).sum(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass
-class SegmenterFTWTLog:
-    """``lines``: averages over every ``log_every`` steps (rec, mask, bce, kept fraction of the pruned units,
-    agreement of applied masks with the targets, predictor weight, seconds so far)."""
-
-    lines: list[dict[str, float]]
-    seconds: float
-    config: dict[str, Any]
-
-
-def train_ftwt_segmenter(
-    model: SlotSegmenter,
-    *,
-    r: float,
-    steps: int,
-    batch: int = 32,
-    lr: float = 1e-4,
-    lr_final_fraction: float = 0.1,
-    lr_predictor: float = 1e-2,
-    mask_weight: float = 0.1,
-    attn_weight: float = 0.0,
-    pixel_fraction: float = 0.25,
-    grad_clip: float = 1.0,
-    predictor_steps: int | None = None,
-    seed: int = TRAIN_SEED,
-    data_start: int = 1_000_000,
-    dense: bool = False,
-    log_every: int = 25,
-) -> tuple[PrunedSegmenter, SegmenterFTWTLog]:
-    """Decoupled FTWT fine-tuning of a copy of ``model`` (left untouched).
-
-    Loss = reconstruction MSE + ``mask_weight`` x Hungarian-matched mask BCE (``tta_runtime.train``'s loss;
-    0.1 is where the first shipped model's mask weight ended) on the masked model, + ``attn_weight`` x
-    ``mask_weight`` x the same matched BCE on the slot-attention maps (all pixels; as ``TrainConfig.attn_weight``),
-    + w x sum over pruned units of
-    BCE(predictor logits, ``ftwt_targets`` at r), w = 1 for the first ``predictor_steps`` (default half of
-    ``steps``), then 0. Predictor inputs are detached and applied masks carry no gradient, so neither loss
-    reaches the other's parameters. Data: fresh ``in_dist`` scenes of the training stream ``seed`` from index
-    ``data_start`` (past the shipped model's 230,400 training scenes), ``batch`` per step; ``pixel_fraction``
-    of the pixels decoded per step, as in training. Backbone: Adam at ``lr`` with cosine decay to
-    ``lr x lr_final_fraction``, grad-norm clip; predictors: Adam at ``lr_predictor``.
-    ``dense``: the control, the same fine-tuning with every mask kept at one and no predictor loss.
-    Returns the ``PrunedSegmenter`` in eval() and the log.
-    """
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1; got {steps!r}")
-    if not 0.0 < pixel_fraction <= 1.0:
-        raise ConfigError(f"pixel_fraction must be in (0, 1]; got {pixel_fraction!r}")
-    ps = max(1, steps // 2) if predictor_steps is None else int(predictor_steps)
-    from tta_runtime.training.slot import matched_attention_loss, matched_mask_loss
-
-    pruned = PrunedSegmenter.from_segmenter(model, seed=seed)
-    backbone = [p for n, p in pruned.named_parameters() if not n.startswith("predictors.")]
-    opt_b = torch.optim.Adam(backbone, lr=lr)
-    opt_p = torch.optim.Adam(pruned.predictors.parameters(), lr=lr_predictor)
-    s = pruned.cfg.resolution
-    n_pix = s * s
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + data_start)
-    config = {
-        "r": r, "steps": steps, "batch": batch, "lr": lr, "lr_final_fraction": lr_final_fraction,
-        "lr_predictor": lr_predictor, "mask_weight": mask_weight, "attn_weight": attn_weight, "pixel_fraction": pixel_fraction,
-        "grad_clip": grad_clip, "predictor_steps": ps, "seed": seed, "data_start": data_start, "dense": dense,
-        "data": f"tta_runtime.scenes 'in_dist', seed {seed}, indices {data_start} + step*{batch} ..",
-    }
-    pruned.train()
-    t0 = time.perf_counter()
-    lines: list[dict[str, float]] = []
-    sums: dict[str, float] = {}
-    for step in range(steps):
-        images, inst = generate_scenes("in_dist", batch, seed=seed, size=s, start=data_start + step * batch)
-        x = images_to_tensor(images)
-        idx = None
-        if pixel_fraction < 1:
-            idx = torch.randperm(n_pix, generator=gen)[: max(1, int(n_pix * pixel_fraction))]
-        inst_t = torch.from_numpy(inst.reshape(batch, -1))
-        if idx is not None:
-            inst_t = inst_t[:, idx]
-        t = step / max(1, steps - 1)
-        for g in opt_b.param_groups:
-            g["lr"] = lr * (lr_final_fraction + (1 - lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
-        w = 0.0 if dense or step >= ps else 1.0
-        with torch.enable_grad():
-            if dense:
-                out = SlotSegmenter.forward(pruned, x, idx)  # the base model's forward: no masks
-                fo = None
-            else:
-                fo = pruned.ftwt_forward(x, r=r, pixel_idx=idx)
-                out = fo.out
-            rec = reconstruction_loss(out, x, idx)
-            mask = matched_mask_loss(out, inst_t)
-            bce = torch.zeros(())
-            if fo is not None:
-                units = pruned_units(pruned.cfg)
-                bce = sum(
-                    (F.binary_cross_entropy_with_logits(fo.mask_logits[u], fo.targets[u]) for u in units),  # type: ignore[arg-type]
-                    torch.zeros(()),
-                ) / max(1, len(units))
-            loss = rec + mask_weight * mask + w * bce
-            if attn_weight > 0:
-                loss = loss + attn_weight * mask_weight * matched_attention_loss(out, inst)
-            opt_b.zero_grad(set_to_none=True)
-            opt_p.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone, grad_clip)
-        opt_b.step()
-        if w:
-            opt_p.step()
-        rec_line = {"rec": rec.item(), "mask": mask.item(), "bce": float(bce.detach()), "kept": 1.0, "agree": 1.0}
-        if fo is not None and pruned_units(pruned.cfg):
-            units = pruned_units(pruned.cfg)
-            rec_line["kept"] = float(torch.cat([fo.masks[u] for u in units], 1).mean())
-            rec_line["agree"] = float(torch.cat([fo.masks[u] == fo.targets[u] for u in units], 1).float().mean())  # type: ignore[operator]
-        for k, v in rec_line.items():
-            sums[k] = sums.get(k, 0.0) + v
-        sums["n"] = sums.get("n", 0.0) + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            line = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
-            line.update(step=step + 1, predictor_loss_weight=w, seconds=time.perf_counter() - t0)
-            lines.append(line)
-            log.info("ftwt segmenter r=%s: %s", r, line)
-            sums = {}
-    pruned.eval()
-    return pruned, SegmenterFTWTLog(lines, time.perf_counter() - t0, config)

@@ -1,7 +1,8 @@
 """Train a digits classifier on the clean "train" split and write its model folder (card, weights, Fisher).
 
-Recipe: Adam with a cosine learning-rate decay to zero, light geometric augmentation (rotation within
-+-10 degrees, translation within +-2 px, bilinear, black fill; no corruption from ``tta_runtime.digits``:
+Recipe: Adam with a cosine learning-rate decay to zero (the shared loop and schedule of
+``tta_runtime.training.loop``), light geometric augmentation (rotation within
++-10 degrees, translation within +-2 px, bilinear, black fill; no corruption from ``tta_runtime.data.digits``:
 those are the test shift), and, when the config has a rotation head, the TTT joint loss (Sun et al., ICML
 2020): cross-entropy of the class on the augmented batch + cross-entropy of the rotation on a copy of it
 turned by a random multiple of 90 degrees. The rotated copy is normalised with its own batch statistics
@@ -12,24 +13,20 @@ The model folder then gets:
 
 - ``weights.safetensors``: the state dict (BatchNorm running statistics included);
 - ``fisher.safetensors``: the diagonal Fisher information of the norm layers' affine parameters, for EATA's
-  anti-forgetting term (Niu et al., ICML 2022): the mean over the 180 val images of the squared gradient of
+  anti-forgetting term (Niu et al., ICML 2022): the mean over the val images of the squared gradient of
   the cross-entropy against the model's own argmax label. Each image is its own batch and BatchNorm uses the
   source statistics (EATA's code averages batch gradients of 64 images in train mode instead);
 - ``train_log.jsonl``: one line per epoch;
 - ``card.json``: the ``ModelCard`` with provenance and the clean and severity-5 corruption metrics.
 
 Everything is seeded and runs on the CPU; with one thread (``OMP_NUM_THREADS=1``) the result is
-bit-for-bit repeatable.
-
-    python -m tta_runtime.train_classifier --norm batch --out models/digits-cnn-bn
+bit-for-bit repeatable. The command line to this module lives in ``tta_runtime.cli``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import platform
 import re
 import time
 from pathlib import Path
@@ -39,8 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
+from tta_runtime.config import ClassifierConfig, ModelCard, Preprocessing, WeightsSpec
+from tta_runtime.data.digits import BENCHMARK_CORRUPTIONS, CORRUPTION_NAMES, LABELS, corrupt, load_digits
+from tta_runtime.device import import_cv2
+from tta_runtime.errors import ConfigError
+from tta_runtime.hub import sha256_file
 from tta_runtime.models.classifier import (
     CNNClassifier,
     build_classifier,
@@ -49,14 +50,20 @@ from tta_runtime.models.classifier import (
     rotate_quarters,
     set_norm_mode,
 )
-from tta_runtime.config import ClassifierConfig, ModelCard, Preprocessing, WeightsSpec
-from tta_runtime.data.digits import BENCHMARK_CORRUPTIONS, CORRUPTION_NAMES, LABELS, corrupt, load_digits
-from tta_runtime.errors import ConfigError
-from tta_runtime.hub import sha256_file
+from tta_runtime.training.loop import Optimized, Shuffled, StepOutput, train_loop
+from tta_runtime.training.provenance import hardware
+from tta_runtime.training.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CONFIG", "accuracy", "diagonal_fisher", "main", "train_classifier", "write_classifier_folder"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "accuracy",
+    "augment",
+    "diagonal_fisher",
+    "train_classifier",
+    "write_classifier_folder",
+]
 
 # The shipped digits models: small enough for a few minutes of training on one CPU core.
 DEFAULT_CONFIG = ClassifierConfig(resolution=32, widths=(16, 32, 64), groups=8, rotation_head=True)
@@ -100,70 +107,63 @@ def train_classifier(
         torch.manual_seed(seed)
         model = build_classifier(cfg)
     rng = np.random.default_rng([seed, 1])  # shuffling, augmentation and rotation labels
-    steps_per_epoch = math.ceil(len(x_train) / batch)
-    total_steps = epochs * steps_per_epoch
+    batches = Shuffled(len(x_train), batch, rng)
+    spe = batches.steps_per_epoch
+    total_steps = epochs * spe
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
 
-    log_lines: list[dict[str, Any]] = []
-    best: tuple[tuple[float, float, int], dict[str, torch.Tensor]] | None = None
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    bar = tqdm(range(1, epochs + 1), desc=f"train {out.name}", disable=not progress, unit="epoch")
-    for epoch in bar:
-        model.train()
-        set_norm_mode(model, "train")  # ordinary BatchNorm while training: batch statistics, running ones updated
-        sums = {"loss": 0.0, "class_loss": 0.0, "rotation_loss": 0.0, "correct": 0}
-        perm = rng.permutation(len(x_train))
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch : (i + 1) * batch]
-            x = images_to_tensor(_augment(x_train[idx], rng))  # (B, 3, S, S) in [0, 1]
-            y = torch.from_numpy(y_train[idx])
-            logits = model(x).logits
-            class_loss = F.cross_entropy(logits, y)
-            loss = class_loss
-            if model.rot_head is not None:
-                k = torch.from_numpy(rng.integers(0, 4, len(idx)))
-                set_norm_mode(model, "batch")  # rotated copies must not enter the running statistics
-                rotation_loss = F.cross_entropy(model.rotation_logits(rotate_quarters(x, k)), k)
-                set_norm_mode(model, "train")
-                loss = loss + rotation_loss
-                sums["rotation_loss"] += rotation_loss.item() * len(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            sums["loss"] += loss.item() * len(idx)
-            sums["class_loss"] += class_loss.item() * len(idx)
-            sums["correct"] += int((logits.argmax(1) == y).sum())
+    def step_fn(step: int) -> StepOutput:
+        idx = batches(step)
+        x = images_to_tensor(augment(x_train[idx], rng))  # (B, 3, S, S) in [0, 1]
+        y = torch.from_numpy(y_train[idx])
+        logits = model(x).logits
+        class_loss = F.cross_entropy(logits, y)
+        loss, rotation = class_loss, 0.0
+        if model.rot_head is not None:
+            k = torch.from_numpy(rng.integers(0, 4, len(idx)))
+            set_norm_mode(model, "batch")  # rotated copies must not enter the running statistics
+            rotation_loss = F.cross_entropy(model.rotation_logits(rotate_quarters(x, k)), k)
+            set_norm_mode(model, "train")
+            loss = loss + rotation_loss
+            rotation = rotation_loss.item()
+        accuracy = int((logits.argmax(1) == y).sum()) / len(idx)
+        return StepOutput(
+            loss, {"loss": loss.item(), "class_loss": class_loss.item(), "rotation_loss": rotation, "accuracy": accuracy},
+            weight=len(idx),
+        )
 
+    best: list[tuple[tuple[float, float, int], dict[str, torch.Tensor]]] = []
+
+    def validate(step: int) -> dict[str, float]:
         val_acc, val_loss = _evaluate(model, x_val, y_val)
-        line = {
-            "epoch": epoch,
-            "lr": opt.param_groups[0]["lr"],
-            "train_loss": sums["loss"] / len(x_train),
-            "train_class_loss": sums["class_loss"] / len(x_train),
-            "train_rotation_loss": sums["rotation_loss"] / len(x_train),
-            "train_accuracy": sums["correct"] / len(x_train),
-            "val_accuracy": val_acc,
-            "val_loss": val_loss,
-            "seconds": time.perf_counter() - t0,
-        }
-        log_lines.append(line)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
-        bar.set_postfix(val_acc=f"{val_acc:.3f}", loss=f"{line['train_loss']:.3f}")
-        key = (val_acc, -val_loss, epoch)
-        if best is None or key > best[0]:
-            best = (key, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        key = (val_acc, -val_loss, step // spe)
+        if not best or key > best[0][0]:
+            best[:] = [(key, {k: v.detach().clone() for k, v in model.state_dict().items()})]
+        return {"val_accuracy": val_acc, "val_loss": val_loss}
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    set_norm_mode(model, "train")  # ordinary BatchNorm while training: batch statistics, running ones updated
+    result = train_loop(
+        model, step_fn, [Optimized(opt, Schedule(lr, total_steps))], steps=total_steps, log_every=spe,
+        validate=validate, eval_every=spe, progress=progress, desc=f"train {out.name}", show=("loss",),
+    )
     train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    assert best is not None  # epochs >= 1 was checked above
-    model.load_state_dict(best[1])
-    selected_epoch = best[0][2]
+    log_lines = [
+        {
+            "epoch": r["step"] // spe, "lr": r["lr"], "train_loss": r["loss"], "train_class_loss": r["class_loss"],
+            "train_rotation_loss": r["rotation_loss"], "train_accuracy": r["accuracy"],
+            "val_accuracy": r["val_accuracy"], "val_loss": r["val_loss"], "seconds": r["seconds"],
+        }
+        for r in result.records
+    ]
+    model.load_state_dict(best[0][1])
+    selected_epoch = best[0][0][2]
     set_norm_mode(model, "source")
     model.eval()
 
     log.info("selected epoch %d; computing the Fisher information and the corruption metrics", selected_epoch)
     fisher = diagonal_fisher(model, x_val)
-    metrics = _metrics(model, x_val, y_val, x_test, y_test, progress=progress)
+    metrics = _metrics(model, x_val, y_val, x_test, y_test)
     rotation = " + cross-entropy of the rotation (0/90/180/270) of a turned copy (TTT joint training)"
     training = {
         "command": command,
@@ -182,7 +182,7 @@ def train_classifier(
         "of the cross-entropy against the model's argmax label, for the norm layers' affine parameters",
         "seconds": round(train_seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),  # this process's CPU time: the cost even on a shared core
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "torch": torch.__version__,
     }
     return write_classifier_folder(model, out, fisher=fisher, log_lines=log_lines, training=training, metrics=metrics)
@@ -282,12 +282,10 @@ def _metrics(
     y_val: np.ndarray,
     x_test: np.ndarray,
     y_test: np.ndarray,
-    *,
-    progress: bool,
 ) -> dict[str, Any]:
     test_acc = accuracy(model, x_test, y_test)
     errors = {}
-    for name in tqdm(CORRUPTION_NAMES, desc="corruptions", disable=not progress):
+    for name in CORRUPTION_NAMES:
         shifted = corrupt(x_test, name, EVAL_SEVERITY, seed=CORRUPTION_SEED)
         errors[name] = round(1.0 - accuracy(model, shifted, y_test), 6)
     return {
@@ -312,9 +310,10 @@ def _metrics(
 # Helpers
 
 
-def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random rotation (+-10 degrees) and translation (+-2 px at 32x32) of (N, S, S, 3) uint8 images."""
-    import cv2
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random rotation (+-10 degrees) and translation (+-2 px at 32x32) of (N, S, S, 3) uint8 images, drawn
+    from ``rng``: the training augmentation (also used by FTWT fine-tuning)."""
+    cv2 = import_cv2()
 
     n, s = images.shape[0], images.shape[1]
     angles = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, n)
@@ -330,19 +329,4 @@ def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-
-
-if __name__ == "__main__":  # `python -m tta_runtime.train_classifier ...`, the command the digits cards record
-    from tta_runtime.cli.train_classifier import main
-
-    raise SystemExit(main())
+_augment = augment  # TEMPORARY: evaluation/bench_prune.py still imports the old name; remove once it imports `augment`

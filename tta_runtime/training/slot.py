@@ -4,43 +4,58 @@ Loss (Slot-TTA): reconstruction MSE + mask_weight x class-balanced BCE between t
 the ground-truth instance masks, matched one-to-one by the Hungarian algorithm (background counts as one
 object; ground truth is padded with empty masks to K so every slot gets a target).
 
-What we change from the paper so that it trains on two CPU cores (all recorded in the model card):
+What we change from the paper so that it trains on a few CPU cores (all recorded in the model card):
 small images and fewer slots, a narrower encoder, decoding a random subset of pixels per step, and a
 mask-loss weight that starts high and decays (with the paper's 0.01 a single slot learns to paint the
 whole scene before the mask loss can separate objects).
 
-Training is resumable: a checkpoint (model, optimizer, step) is written every `ckpt_every` steps and
-picked up by the next run with the same `run_dir`.
+Runs in the shared loop (`tta_runtime.training.loop`): resumable from `run_dir/ckpt.safetensors`, written
+every `ckpt_every` steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import platform
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from tta_runtime.config import ModelCard, OODStats, Preprocessing, SegmenterConfig, WeightsSpec, _Frozen
-from tta_runtime.training import checkpoint
+from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from tta_runtime.errors import ConfigError
 from tta_runtime.hub import sha256_file
 from tta_runtime.metrics import fg_ari, hungarian_match
-from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss, segmentation_masks
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
+from tta_runtime.training.checkpoint import CKPT_FILE, adam_moments, load_checkpoint
+from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
+from tta_runtime.training.provenance import copy_run, hardware
+from tta_runtime.training.schedule import Schedule
+
+__all__ = [
+    "SceneBatch",
+    "TrainConfig",
+    "matched_attention_loss",
+    "balanced_bce",
+    "hungarian_targets",
+    "matched_bce",
+    "matched_mask_loss",
+    "predict_batches",
+    "scene_batch",
+    "slot_loss",
+    "to_tensor",
+    "train",
+    "validate_model",
+    "write_model_folder",
+]
 
 log = logging.getLogger(__name__)
-
 
 
 class TrainConfig(_Frozen):
@@ -62,7 +77,7 @@ class TrainConfig(_Frozen):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = TRAIN_SEED
     init_from: str | None = Field(
-        None, description="start from these weights (a training checkpoint ckpt.pt or a model folder) with a fresh "
+        None, description="start from these weights (a training checkpoint ckpt.safetensors or a model folder) with a fresh "
         "optimizer and this config's schedule: a fine-tuning stage"
     )
     data_start: int = Field(0, ge=0, description="first scene index of the training stream (a later stage can use unseen scenes)")
@@ -84,19 +99,32 @@ def matched_attention_loss(out: SegmenterOutput, instances: np.ndarray) -> torch
     return matched_bce(out.attention, torch.from_numpy(instances.reshape(len(instances), -1)))
 
 
-def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-    """Class-balanced BCE between soft masks (B, K, P) and instance ids (B, P), matched by the Hungarian
-    algorithm on L2 distance; ground truth is padded with empty masks so every slot gets a target."""
-    b, k, p = masks.shape
-    target = torch.zeros_like(masks)
+def hungarian_targets(masks: torch.Tensor, instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match ground-truth segments to mask channels by the Hungarian algorithm on L2 distance.
+
+    `masks`: (B, K, P) soft masks; `instances`: (B, P) ids. Returns the target masks (B, K, P) float in {0, 1}
+    (ground truth padded with empty masks, so every channel gets a target) and each pixel's matched channel
+    (B, P) long. No gradient.
+    """
     with torch.no_grad():
+        target = torch.zeros_like(masks)
         pred_np = masks.detach().cpu().numpy()
         inst_np = instances.cpu().numpy()
-        for i in range(b):
-            ids = np.unique(inst_np[i])
-            gt = (inst_np[i][None, :] == ids[:, None]).astype(np.float32)  # (G, P)
+        labels = np.empty(inst_np.shape, dtype=np.int64)
+        for i in range(len(inst_np)):
+            ids, inverse = np.unique(inst_np[i], return_inverse=True)
+            gt = (inverse.reshape(1, -1) == np.arange(len(ids))[:, None]).astype(np.float32)  # (G, P)
             rows, cols = hungarian_match(gt, pred_np[i])
             target[i, torch.as_tensor(cols)] = torch.as_tensor(gt[rows])
+            channel_of = np.empty(len(ids), dtype=np.int64)
+            channel_of[rows] = cols
+            labels[i] = channel_of[inverse.reshape(-1)]
+    return target, torch.from_numpy(labels)
+
+
+def balanced_bce(masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE between soft masks and {0, 1} targets of the same shape (positives weighted by
+    negatives / positives)."""
     n_pos = target.sum()
     pos_weight = (target.numel() - n_pos) / n_pos.clamp(min=1.0)
     m = masks.clamp(1e-6, 1 - 1e-6)
@@ -104,17 +132,56 @@ def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     return bce.mean()
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    lo = cfg.lr * cfg.lr_final_fraction
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
+    """Class-balanced BCE between soft masks (B, K, P) and instance ids (B, P), matched by the Hungarian
+    algorithm on L2 distance; ground truth is padded with empty masks so every slot gets a target."""
+    return balanced_bce(masks, hungarian_targets(masks, instances)[0])
 
 
 def _mask_weight_at(cfg: TrainConfig, step: int) -> float:
     t = min(1.0, step / max(1, cfg.steps))
     return cfg.mask_weight + t * (cfg.mask_weight_final - cfg.mask_weight)
+
+
+@dataclass
+class SceneBatch:
+    """One training batch of generated scenes. `x`: (B, 3, S, S) in [0, 1]; `instances`: (B, S, S) ids;
+    `pixel_idx`: (P,) the pixels decoded this step (None: all); `targets`: (B, P) ids at those pixels."""
+
+    x: torch.Tensor
+    instances: np.ndarray
+    pixel_idx: torch.Tensor | None
+    targets: torch.Tensor
+
+
+def scene_batch(step: int, *, batch: int, seed: int, size: int, data_start: int, pixel_fraction: float) -> SceneBatch:
+    """Training batch `step`: the `in_dist` scenes `data_start + step * batch ..` of stream `seed`, and a random
+    `pixel_fraction` of the pixels drawn from a generator seeded by the step alone (so a resumed run draws
+    the same subsets)."""
+    images, inst = generate_scenes("in_dist", batch, seed=seed, size=size, start=data_start + step * batch)
+    n_pix = size * size
+    idx = None
+    if pixel_fraction < 1:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randperm(n_pix, generator=gen)[: max(1, int(n_pix * pixel_fraction))]
+    targets = torch.from_numpy(inst.reshape(batch, -1))
+    if idx is not None:
+        targets = targets[:, idx]
+    return SceneBatch(to_tensor(images), inst, idx, targets)
+
+
+def slot_loss(
+    out: SegmenterOutput, b: SceneBatch, mask_weight: float, attn_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, reconstruction MSE, matched mask BCE): rec + mask_weight x mask (+ attn_weight x mask_weight x
+    the matched BCE on the slot-attention maps, all pixels, when attn_weight > 0)."""
+    rec = reconstruction_loss(out, b.x, b.pixel_idx)
+    mask = matched_mask_loss(out, b.targets)
+    loss = rec + mask_weight * mask
+    if attn_weight > 0:
+        # Supervise the binding itself: the attention maps (all pixels) get the same matched loss.
+        loss = loss + attn_weight * mask_weight * matched_attention_loss(out, b.instances)
+    return loss, rec, mask
 
 
 @torch.no_grad()
@@ -147,115 +214,58 @@ def validate_model(model: SlotSegmenter, n: int, split: str = "in_dist", seed: i
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: int | None = None) -> SlotSegmenter:
-    """Train (or resume) and return the model. Logs go to `run_dir/log.jsonl`.
+    """Train (or resume from `run_dir/ckpt.safetensors`) and return the model. Logs go to `run_dir/log.jsonl`.
 
     `stop_at`: stop after this step (checkpointed) although the schedule runs to `cfg.steps`; a later call
     resumes from there. How a run cut short by a session's end is replayed exactly."""
-    if stop_at is not None and not 1 <= stop_at <= cfg.steps:
-        raise ConfigError(f"stop_at must be in 1..steps ({cfg.steps}); got {stop_at}")
     needed = max_objects("in_dist") + 1  # every object plus the background needs its own slot
     if cfg.segmenter.num_slots < needed:
         raise ConfigError(
             f"num_slots={cfg.segmenter.num_slots} is too few: training scenes hold up to {needed - 1} objects plus "
             f"the background; use --slots {needed} or more"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = SlotSegmenter(cfg.segmenter)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    ckpt_path = run_dir / "ckpt.pt"
-    step, elapsed = checkpoint.resume(ckpt_path, cfg, model, opt)
-    if step == 0 and cfg.init_from is not None:
-        model.load_state_dict(_initial_weights(cfg.init_from), strict=True)
-        log.info("initialised from %s", cfg.init_from)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    s = cfg.segmenter.resolution
-    n_pix = s * s
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
-    logf = (run_dir / "log.jsonl").open("a")
-    model.train()
-    t_last = time.perf_counter()
-    end = cfg.steps if stop_at is None else stop_at
-    while step < end:
-        images, inst = generate_scenes("in_dist", cfg.batch, seed=cfg.seed, size=s, start=cfg.data_start + step * cfg.batch)
-        x = to_tensor(images)
-        gen.manual_seed(cfg.seed * 1_000_003 + step)  # resumable: the pixel subset depends on the step only
-        idx = None
-        if cfg.pixel_fraction < 1:
-            idx = torch.randperm(n_pix, generator=gen)[: max(1, int(n_pix * cfg.pixel_fraction))]
-        inst_t = torch.from_numpy(inst.reshape(cfg.batch, -1))
-        if idx is not None:
-            inst_t = inst_t[:, idx]
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
-        out = model(x, idx)
-        rec = reconstruction_loss(out, x, idx)
-        mw = _mask_weight_at(cfg, step)
-        mask = matched_mask_loss(out, inst_t)
-        loss = rec + mw * mask
-        if cfg.attn_weight > 0:
-            # Supervise the binding itself: the attention maps (all pixels) get the same matched loss.
-            loss = loss + cfg.attn_weight * mw * matched_attention_loss(out, inst)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
-        bar.update(1)
-        bar.set_postfix(rec=f"{rec.item():.4f}", mask=f"{mask.item():.3f}")
-        record: dict[str, Any] = {"step": step, "rec": rec.item(), "mask": mask.item(), "lr": _lr_at(cfg, step - 1)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            model.eval()
-            record["val"] = validate_model(model, cfg.val_images)
-            model.train()
-            log.info("step %d: %s", step, record["val"])
-            bar.write(f"step {step}: val {record['val']}")
-        if step % 50 == 0 or "val" in record:
-            logf.write(json.dumps(record) + "\n")
-            logf.flush()
-        if step % cfg.ckpt_every == 0 or step in (cfg.steps, end):
-            checkpoint.save(ckpt_path, cfg, model, opt, step, elapsed)
-    bar.close()
-    logf.close()
-    model.eval()
+
+    def init() -> None:
+        if cfg.init_from is not None:
+            model.load_state_dict(_initial_weights(cfg.init_from), strict=True)
+            log.info("initialised from %s", cfg.init_from)
+
+    def step_fn(step: int) -> StepOutput:
+        b = scene_batch(step, batch=cfg.batch, seed=cfg.seed, size=cfg.segmenter.resolution,
+                        data_start=cfg.data_start, pixel_fraction=cfg.pixel_fraction)
+        loss, rec, mask = slot_loss(model(b.x, b.pixel_idx), b, _mask_weight_at(cfg, step), cfg.attn_weight)
+        return StepOutput(loss, {"rec": rec.item(), "mask": mask.item()})
+
+    schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.lr_final_fraction)
+    train_loop(
+        model, step_fn, [Optimized(opt, schedule, clip=cfg.grad_clip)], steps=cfg.steps, stop_at=stop_at,
+        validate=lambda step: {"val": validate_model(model, cfg.val_images)}, eval_every=cfg.eval_every,
+        folder=RunFolder(Path(run_dir), cfg, cfg.ckpt_every), init=init, progress=progress, desc="train",
+        show=("rec", "mask"),
+    )
     return model
 
 
 def _initial_weights(source: str) -> dict[str, torch.Tensor]:
-    """The model state dict in a training checkpoint (ckpt.pt, read with weights_only=True) or a model folder."""
+    """The model state dict in a training checkpoint (ckpt.safetensors) or a model folder."""
     path = Path(source)
-    if path.is_file() and path.suffix == ".pt":
+    if path.is_file():
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several kinds for a file that is not a checkpoint
-            raise ConfigError(f"init_from {path} is not a readable training checkpoint: {type(e).__name__}: {e}") from None
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise ConfigError(f"init_from {path} holds no 'model' state dict (expected a tta-runtime train checkpoint)")
-        return ckpt["model"]
+            return load_checkpoint(path).model
+        except ConfigError as e:
+            raise ConfigError(f"init_from {e} (expected a tta-runtime train checkpoint)") from None
     from tta_runtime.hub import find_model, load_card, load_weights
 
     folder = find_model(source)
     return load_weights(folder, load_card(folder))
 
 
-def _save_adam_moments(model: SlotSegmenter, ckpt_path: Path, out: Path) -> WeightsSpec:
+def _save_adam_moments(ckpt_path: Path, out: Path) -> WeightsSpec:
     """Adam's moments at the end of training, by parameter name, for optimizer_state='training' recipes."""
-    opt_state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["optimizer"]
-    names = [n for n, _ in model.named_parameters()]  # the optimizer was built from model.parameters()
-    ids = opt_state["param_groups"][0]["params"]
-    tensors: dict[str, torch.Tensor] = {}
-    step = 0.0
-    for name, pid in zip(names, ids, strict=True):
-        st = opt_state["state"][pid]
-        tensors[f"exp_avg/{name}"] = st["exp_avg"].contiguous()
-        tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].contiguous()
-        step = float(st["step"])
-    tensors["step"] = torch.tensor([step])
-    save_file(tensors, str(out))
+    save_file(adam_moments(ckpt_path), str(out))
     return WeightsSpec(file=out.name, sha256=sha256_file(out))
 
 
@@ -273,16 +283,14 @@ def write_model_folder(
     weights = out_dir / "weights.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
+    ckpt = None if run_dir is None else Path(run_dir) / CKPT_FILE
     opt_spec = None
-    if run_dir is not None and (run_dir / "ckpt.pt").exists():
-        opt_spec = _save_adam_moments(model, run_dir / "ckpt.pt", out_dir / "adam_state.safetensors")
+    if ckpt is not None and ckpt.exists():
+        opt_spec = _save_adam_moments(ckpt, out_dir / "adam_state.safetensors")
     model.eval()
     val = validate_model(model, 256)
-    elapsed, steps_done = None, cfg.steps
-    if run_dir is not None and (run_dir / "ckpt.pt").exists():
-        ckpt = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-        elapsed, steps_done = float(ckpt["elapsed"]), int(ckpt["step"])
-        (out_dir / "train_log.jsonl").write_bytes((run_dir / "log.jsonl").read_bytes())
+    elapsed, steps_done = copy_run(run_dir, out_dir)
+    steps_done = cfg.steps if steps_done is None else steps_done
     card = ModelCard(
         name=cfg.name,
         description=description or "Slot-TTA 2D segmenter trained on generated flat-coloured shape scenes.",
@@ -294,12 +302,12 @@ def write_model_folder(
         training={
             "command": command,
             "config": cfg.model_dump(),
-            "data": f"tta_runtime.scenes 'in_dist', seed {cfg.seed}, a fresh batch of {cfg.batch} scenes per step "
+            "data": f"tta_runtime.data.scenes 'in_dist', seed {cfg.seed}, a fresh batch of {cfg.batch} scenes per step "
             f"(indices step*batch..), {steps_done * cfg.batch} scenes in all",
             "validation": f"'in_dist' seed {VAL_SEED}",
             "steps_done": steps_done,
             "seconds": elapsed,
-            "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "hardware": hardware(),
             "changes_from_paper": [
                 f"{cfg.segmenter.resolution}x{cfg.segmenter.resolution} images, {cfg.segmenter.num_slots} slots "
                 "(paper 128x128, 11)",

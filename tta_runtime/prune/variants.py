@@ -1,0 +1,76 @@
+"""Pruned variants in a model folder: ``<model>/prune/<name>/`` holds ``prune.json`` (a ``PruneCard``) and
+``weights.safetensors`` (the base model's keys + ``predictors.*``). The base model's card and weights stay
+untouched; ``build_pruned`` makes the module a variant's card describes (classifier or slot segmenter).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from tta_runtime.config import ModelCard, PruneCard, WeightsSpec, validate
+from tta_runtime.errors import ConfigError, ModelLoadError
+from tta_runtime.hub import load_card, sha256_file
+from tta_runtime.prune.fixed import PrunedClassifier
+from tta_runtime.prune.segmenter import PrunedSegmenter
+
+__all__ = ["PRUNE_CARD", "PRUNE_DIR", "build_pruned", "load_prune_card", "pruned_variants", "save_pruned"]
+
+PRUNE_DIR = "prune"  # <model folder>/prune/<variant>/
+PRUNE_CARD = "prune.json"
+
+
+def save_pruned(
+    model: nn.Module, base_folder: Path, name: str, *, part: str, r: float, masks: str = "predict",
+    ks: Sequence[int] | None = None, training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s state dict (base keys + ``predictors.*``) and its ``PruneCard`` to
+    ``base_folder/prune/name/``; returns that folder. The base model's card and weights stay untouched."""
+    base = load_card(base_folder)
+    out = base_folder / PRUNE_DIR / name
+    out.mkdir(parents=True, exist_ok=True)
+    wpath = out / "weights.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(wpath))
+    card = PruneCard(
+        name=name, base_model=base.name, base_sha256=base.weights.sha256, part=part, r=r, masks=masks,  # type: ignore[arg-type]
+        ks=None if ks is None else [int(k) for k in ks], weights=WeightsSpec(file=wpath.name, sha256=sha256_file(wpath)),
+        training=training or {}, metrics=metrics or {},
+    )
+    (out / PRUNE_CARD).write_text(card.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def pruned_variants(folder: Path) -> list[str]:
+    """Names of the pruned variants in a model folder (sorted)."""
+    root = folder / PRUNE_DIR
+    return sorted(p.name for p in root.iterdir() if (p / PRUNE_CARD).is_file()) if root.is_dir() else []
+
+
+def load_prune_card(folder: Path, name: str) -> PruneCard:
+    """The ``PruneCard`` of variant ``name`` in model folder ``folder``; a clear error lists what exists."""
+    path = folder / PRUNE_DIR / name / PRUNE_CARD
+    if not path.is_file():
+        have = pruned_variants(folder)
+        hint = (f"this model has: {', '.join(have)}" if have else
+                "this model has none; make one with `tta-runtime prune train --model <name> --r 0.6`")
+        raise ModelLoadError(f"no pruned variant {name!r} in {folder / PRUNE_DIR} ({hint})")
+    try:
+        return validate(PruneCard, json.loads(path.read_text()), f"prune card {path}")
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def build_pruned(card: ModelCard, prune: PruneCard) -> nn.Module:
+    """The pruned module for a base ``ModelCard`` and a ``PruneCard`` (weights not loaded)."""
+    if prune.part == "classifier":
+        if card.classifier is None:
+            raise ConfigError(f"prune variant {prune.name!r} is for a CNN classifier; {card.name!r} is a {card.architecture}")
+        return PrunedClassifier(card.classifier, masks=prune.masks, ks=prune.ks)
+    if card.segmenter is None:
+        raise ConfigError(f"prune variant {prune.name!r} is for a slot segmenter; {card.name!r} is a {card.architecture}")
+    return PrunedSegmenter(card.segmenter, masks=prune.masks, ks=prune.ks)
