@@ -26,7 +26,15 @@ import tta_runtime.training.slot as train_mod
 from tta_runtime import Runtime
 from tta_runtime.cli.main import main
 from tta_runtime.evaluation.segmentation import strip_timing
-from tta_runtime.hub import DEFAULT_MODEL, find_model, list_recipes, load_card, sample_image_path, sha256_file
+from tta_runtime.hub import (
+    DEFAULT_MODEL,
+    find_model,
+    list_recipes,
+    load_card,
+    sample_image_path,
+    sha256_file,
+)
+from tta_runtime.training.checkpoint import CKPT_FILE, checkpoint_progress
 
 
 @pytest.fixture(autouse=True)
@@ -264,7 +272,7 @@ def _train_args(tmp: pathlib.Path, steps: int) -> list[str]:
 
 
 def _ckpt_step(run_dir: pathlib.Path) -> int:
-    return int(torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)["step"])
+    return checkpoint_progress(run_dir / CKPT_FILE)[0]
 
 
 _REAL_GENERATE_SCENES = train_mod.generate_scenes
@@ -278,7 +286,7 @@ def _spy_scenes(monkeypatch: pytest.MonkeyPatch, starts: list[int], kill_at: int
     """Record the scene index of every training batch (validation batches pass no `start`)."""
     real = _REAL_GENERATE_SCENES  # not the attribute: an earlier spy may still be patched in
 
-    def spy(split: str, n: int, seed: int, size: int = 32, start: int | None = None):  # noqa: ANN202
+    def spy(split: str, n: int, seed: int, size: int = 32, start: int | None = None):
         if start is not None:
             if start == kill_at:
                 raise _Killed
@@ -372,7 +380,7 @@ def test_train_resume_with_other_settings_is_an_error_line(
     args[args.index("--encoder-channels") + 1] = "16"  # another architecture: the checkpoint cannot fit
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "ckpt.pt" in err
+    assert err.startswith("error:") and CKPT_FILE in err
 
 
 def test_train_invalid_flag_is_an_error_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]):
@@ -406,7 +414,7 @@ def test_train_init_from_starts_a_fine_tuning_stage_from_the_weights(
     starts: list[int] = []
     _spy_scenes(monkeypatch, starts)
     # a learning rate too small to move anything: the stage must end where its initial weights are
-    args = _train_args(tmp_path, 2) + ["--init-from", str(trained / "run" / "ckpt.pt"), "--data-start", "1000",
+    args = _train_args(tmp_path, 2) + ["--init-from", str(trained / "run" / CKPT_FILE), "--data-start", "1000",
                                        "--warmup", "0", "--lr", "1e-12"]
     assert main(args) == 0
     stage0 = load_file(str(trained / "m" / "weights.safetensors"))
@@ -414,9 +422,9 @@ def test_train_init_from_starts_a_fine_tuning_stage_from_the_weights(
     for k in stage0:
         torch.testing.assert_close(stage1[k], stage0[k], rtol=0, atol=1e-6)
     assert starts == [1000, 1000 + BATCH]  # fresh scenes from --data-start
-    assert load_card(tmp_path / "m").training["config"]["init_from"] == str(trained / "run" / "ckpt.pt")
+    assert load_card(tmp_path / "m").training["config"]["init_from"] == str(trained / "run" / CKPT_FILE)
     # a file that is not a checkpoint: one error line
-    bad = tmp_path / "bad.pt"
+    bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
     assert main(_train_args(tmp_path / "b", 2) + ["--init-from", str(bad)]) == 2
     assert "init_from" in capsys.readouterr().err

@@ -15,7 +15,13 @@ import tqdm.std
 from tta_runtime.cli import models
 from tta_runtime.cli.main import main, modern_spelling
 from tta_runtime.errors import MissingExtraError
-from tta_runtime.hub import DEFAULT_MODEL, find_model, list_recipes, load_card, sample_image_path
+from tta_runtime.hub import (
+    DEFAULT_MODEL,
+    find_model,
+    list_recipes,
+    load_card,
+    sample_image_path,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +36,7 @@ def bars(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     made: list[str] = []
     real = tqdm.std.tqdm.__init__
 
-    def init(self, *args, **kwargs):  # noqa: ANN001, ANN202
+    def init(self, *args, **kwargs):
         made.append(str(kwargs.get("desc")))
         real(self, *args, **kwargs)
 
@@ -111,7 +117,7 @@ def test_quiet_stream_prints_nothing_but_the_json(tmp_path: pathlib.Path, capsys
 
 
 def test_our_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    def missing(args):  # noqa: ANN001, ANN202
+    def missing(args):
         raise MissingExtraError("ONNX export needs the 'onnx' module, which is not installed: pip install 'tta-runtime[onnx]'")
 
     monkeypatch.setattr(models, "_list", missing)
@@ -124,7 +130,7 @@ def test_our_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 def test_an_unguarded_missing_extra_names_the_extra(
     module: str, extra: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def handler(args):  # noqa: ANN001, ANN202
+    def handler(args):
         raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
     monkeypatch.setattr(models, "_list", handler)
@@ -134,7 +140,7 @@ def test_an_unguarded_missing_extra_names_the_extra(
 
 
 def test_a_missing_module_that_is_no_extra_is_a_bug_not_an_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    def handler(args):  # noqa: ANN001, ANN202
+    def handler(args):
         raise ModuleNotFoundError("No module named 'tta_runtime.nowhere'", name="tta_runtime.nowhere")
 
     monkeypatch.setattr(models, "_list", handler)
@@ -155,7 +161,7 @@ def test_export_without_onnx_stays_in_help_and_names_the_extra(tmp_path: pathlib
         f"sys.exit(main(['export', '-q', '--out', {str(tmp_path / 'x.onnx')!r}]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TTA_RUNTIME_MODELS", "TTA_RUNTIME_ADAPTERS")}
-    proc = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "usage: tta-runtime export" in proc.stdout

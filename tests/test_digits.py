@@ -1,4 +1,4 @@
-"""Tests for tta_runtime.digits: the real-image splits, the corruption suite and the continual stream."""
+"""Tests for tta_runtime.data.digits (and its corruptions): the splits, the corruption suite, the continual stream."""
 
 from __future__ import annotations
 

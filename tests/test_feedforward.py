@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
 from tta_runtime.data.scenes import generate_scenes
+from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
-from tta_runtime.models.unet import FeedForwardConfig, UNetSegmenter, load_feedforward, predict_segmentation
-from tta_runtime.training.feedforward import FeedForwardTrainConfig, feedforward_loss, save_feedforward, train_feedforward
+from tta_runtime.models.unet import (
+    FeedForwardConfig,
+    UNetSegmenter,
+    load_feedforward,
+    predict_segmentation,
+)
+from tta_runtime.training.feedforward import (
+    FeedForwardTrainConfig,
+    feedforward_loss,
+    save_feedforward,
+    train_feedforward,
+)
 
 TINY = FeedForwardConfig(resolution=16, num_slots=3, base_channels=8, depth=2)
 TINY_TRAINABLE = TINY.model_copy(update={"num_slots": 5})
@@ -153,3 +163,27 @@ def test_load_refuses_tampered_weights_and_cards(tmp_path: Path) -> None:
         load_feedforward(folder)
     with pytest.raises(ModelLoadError, match="card.json"):
         load_feedforward(tmp_path / "missing")
+
+
+def test_checkpoint_is_safetensors_with_adam_moments(tmp_path: Path) -> None:
+    from tta_runtime.training.checkpoint import load_checkpoint
+
+    model = train_feedforward(_train_cfg(2), tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.safetensors", "config.json", "log.jsonl"]
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")
+    assert ckpt.step == 2 and ckpt.elapsed > 0 and FeedForwardTrainConfig.model_validate_json(ckpt.config) == _train_cfg(2)
+    for name, p in model.named_parameters():
+        assert torch.equal(ckpt.model[name], p.detach())
+        assert ckpt.optimizers[0]["exp_avg"][name].shape == p.shape
+        assert ckpt.optimizers[0]["exp_avg_sq"][name].shape == p.shape
+        assert float(ckpt.optimizers[0]["step"][name]) == 2.0
+
+
+def test_the_shared_schedule_warms_up_then_decays_to_the_final_fraction() -> None:
+    from tta_runtime.training.schedule import Schedule
+
+    s = Schedule(lr=1.0, steps=10, warmup=2, final_fraction=0.1)
+    assert [s(0), s(1)] == [0.5, 1.0]
+    assert s(2) == 1.0 and s(10) == pytest.approx(0.1) and s(50) == pytest.approx(0.1)
+    assert all(s(i) >= s(i + 1) for i in range(2, 12))
+    assert Schedule(lr=0.3, steps=5, final_fraction=1.0)(3) == 0.3  # final_fraction 1: constant

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tta_runtime.models.classifier import build_classifier, set_norm_mode
 from tta_runtime.config import ClassifierConfig
 from tta_runtime.errors import ConfigError
+from tta_runtime.models.classifier import build_classifier, set_norm_mode
 from tta_runtime.prune import (
+    BucketedClassifier,
     FTWTClassifier,
     GatheredClassifier,
-    BucketedClassifier,
     PrunedClassifier,
     conv_units,
     fit_buckets,

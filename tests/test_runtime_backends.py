@@ -49,5 +49,5 @@ def test_runtime_export_writes_a_verified_onnx_file_of_the_adapted_weights(tmp_p
     s = rt.input_size
     inp = (ood_image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
     assert inp.shape[-1] == s
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: inp})))
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: inp}), strict=True))
     np.testing.assert_allclose(outs["masks"][0].reshape(x.masks.shape), x.masks, atol=1e-4)

@@ -9,7 +9,7 @@ import pytest
 
 import tta_runtime as tta
 from tta_runtime.config import AdaptConfig
-from tta_runtime.evaluation.segmentation import evaluate_split
+from tta_runtime.evaluation.segmentation import evaluate, evaluate_split
 from tta_runtime.hub import find_model
 
 EVAL_JSON = find_model(None) / "eval.json"
@@ -27,3 +27,13 @@ def test_first_image_of_a_split_reproduces_the_committed_numbers(split: str) -> 
     for variant in ("before", "slot_tta", "oracle"):
         for metric in ("fg_ari", "ari", "miou"):
             assert part["per_image"][variant][metric][0] == expected["per_image"][variant][metric][0], (variant, metric)
+
+
+def test_evaluate_shows_one_progress_bar_naming_the_split(capsys: pytest.CaptureFixture[str]) -> None:
+    """One bar for the whole call (not one per split), its postfix naming the split being evaluated."""
+    rt = tta.Runtime.from_pretrained()
+    report = evaluate(rt, splits=("in_dist", "unseen_colours"), n_images=1, steps=2, baseline=None, progress=True)
+    assert list(report["splits"]) == ["in_dist", "unseen_colours"]
+    err = capsys.readouterr().err
+    assert "2/2" in err and "unseen_colours" in err
+    assert {line.split(":")[0].strip() for line in err.replace("\r", "\n").splitlines() if "%|" in line} == {"eval"}

@@ -35,7 +35,7 @@ from tta_runtime.frozen import FeaturePass, OODScore, features_with, ood_scores
 from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
 from tta_runtime.ood import DEFAULT_SCORER, Calibration, load_calibration
 from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, segmenter_results
-from tta_runtime.prune.ftwt import PRUNE_DIR, build_pruned, load_prune_card
+from tta_runtime.prune import PRUNE_DIR, load_pruned
 from tta_runtime.registry import unknown_name_message
 from tta_runtime.result import Result
 from tta_runtime.models.build import build_model
@@ -91,7 +91,7 @@ class Runtime:
         if self.options.backend == "onnxruntime":
             if self.task != "segmentation":
                 raise ConfigError("backend='onnxruntime' supports the slot segmenter only for now; use backend='torch'")
-            from tta_runtime.deploy.backends import OrtFrozenPath, OrtOptions, providers_for_device
+            from tta_runtime.deploy import OrtFrozenPath, OrtOptions, providers_for_device
 
             self._ort = OrtFrozenPath(
                 self.model, card, calibration=self.calibration, providers=providers_for_device(self.device),
@@ -114,7 +114,7 @@ class Runtime:
             options = with_overrides(options, {"recipe": card.default_recipe}, "runtime options")
         recipe = load_recipe(options.recipe, **recipe_kw)
         if options.prune is not None:
-            model, state = _pruned_model(folder, card, options.prune)
+            model, state = load_pruned(folder, card, options.prune)
         else:
             model, state = build_model(card), load_weights(folder, card)
         if card.external is not None:
@@ -298,7 +298,7 @@ class Runtime:
         dynamic, opset, batch, device, workspace (see `tta_runtime.export.export`). Returns an
         `ExportResult` (paths, manifest with the tolerances met).
         """
-        from tta_runtime.deploy.export import export
+        from tta_runtime.deploy import export
 
         with self._lock:
             return export(self.model, self.card, format, path, part=part, calibration=self.calibration, **options)
@@ -441,20 +441,3 @@ class Runtime:
             recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
             steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
         )
-
-
-def _pruned_model(folder: Path, card: ModelCard, name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The pruned variant `name` of the model in `folder`: its module and checked state dict."""
-    prune = load_prune_card(folder, name)
-    if prune.base_sha256 != card.weights.sha256:
-        raise ModelLoadError(
-            f"pruned variant {name!r} was made from other weights of {card.name!r} (sha256 {prune.base_sha256[:12]}..., "
-            f"the card has {card.weights.sha256[:12]}...); retrain it with `tta-runtime prune train`"
-        )
-    model = build_pruned(card, prune)
-    state = load_weights(folder / PRUNE_DIR / name, card, prune.weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"weights of pruned variant {name!r} do not fit {card.name!r}: {e}") from None
-    return model, state

@@ -40,7 +40,7 @@ from tta_runtime.hub import find_model, load_recipe
 from tta_runtime.metrics import fg_ari
 from tta_runtime.models.segmenter import SlotSegmenter, images_to_tensor, segmentation_masks
 from tta_runtime.prune import PrunedSegmenter, save_pruned
-from tta_runtime.prune.segmenter import encoder_widths, model_macs
+from tta_runtime.prune import encoder_widths, model_macs
 from tta_runtime.training import train_ftwt_segmenter
 from tta_runtime.visual import line_plot, panel, save_png
 

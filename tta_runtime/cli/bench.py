@@ -12,7 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tta_runtime.cli.common import busy, command_line, csv, echo, numbers, progress, write_json
+from tta_runtime.cli.common import (
+    busy,
+    command_line,
+    csv,
+    echo,
+    numbers,
+    progress,
+    write_json,
+)
 from tta_runtime.cli.train import set_threads
 
 
@@ -55,18 +63,24 @@ def add_adapt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", default=",".join(OOD_SPLITS), help="comma-separated scene splits (default: the OOD ones)")
     p.add_argument("--n-images", type=int, default=8, help="test images per split")
     p.add_argument("--seed", type=int, default=TEST_SEED, help="scene seed (default: the test seed 2026)")
-    p.add_argument("--baseline", default="slot_tta", help="the faithful recipe")
-    p.add_argument("--fast", default="slot_tta_fast", help="the fast recipe whose levers are measured")
-    p.add_argument("--extra-recipes", default="", help="more recipes to measure, comma-separated")
-    p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time configurations")
-    p.add_argument("--batch-sizes", default="8", help="batched-path batch sizes ('' = no batched path)")
-    p.add_argument("--exec-levers", default="", help="execution levers on the batched path (see bench_adapt.EXEC_LEVERS)")
-    p.add_argument("--batched-recipes", default="", help="recipes for the batched path (default: the fast one)")
-    p.add_argument("--configs", default="", help="measure only these configurations (plus 'faithful')")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (no fallback)")
-    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory subprocesses")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the compile/graphs levers")
-    p.add_argument("--no-quality", action="store_true", help="skip the quality runs (with --timing-size: timing only)")
+    for flag, default, text in (  # comma-separated lists and names
+        ("--baseline", "slot_tta", "the faithful recipe"),
+        ("--fast", "slot_tta_fast", "the fast recipe whose levers are measured"),
+        ("--extra-recipes", "", "more recipes to measure, comma-separated"),
+        ("--batch-sizes", "8", "batched-path batch sizes ('' = no batched path)"),
+        ("--exec-levers", "", "execution levers on the batched path (see bench_adapt.EXEC_LEVERS)"),
+        ("--batched-recipes", "", "recipes for the batched path (default: the fast one)"),
+        ("--configs", "", "measure only these configurations (plus 'faithful')"),
+        ("--device", "cpu", "cpu or cuda[:N] (no fallback)"),
+        ("--compile-backend", "inductor", "torch.compile backend for the compile/graphs levers"),
+    ):
+        p.add_argument(flag, default=default, help=text)
+    for flag, text in (
+        ("--no-levers", "skip the one-lever-at-a-time configurations"),
+        ("--no-memory", "skip the CPU peak-memory subprocesses"),
+        ("--no-quality", "skip the quality runs (with --timing-size: timing only)"),
+    ):
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--timing-size", type=int, default=None, help="also time a random model of this size (paper: 128)")
     p.add_argument("--timing-slots", type=int, default=11)
     p.add_argument("--timing-images", type=int, default=4)

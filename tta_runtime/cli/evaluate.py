@@ -66,14 +66,14 @@ def _eval_table(report: dict[str, Any]) -> list[str]:
     )
     lines = [head, "-" * len(head)]
     for split, r in report["splits"].items():
-        def cell(v: str) -> str:
-            return f"{r[v]['fg_ari']['mean']:.3f}" if v in r else "-"
-
+        before, slot_tta, entropy, oracle, unet = (
+            f"{r[v]['fg_ari']['mean']:.3f}" if v in r else "-" for v in ("before", "slot_tta", "entropy", "oracle", "feedforward")
+        )
         g = r["slot_tta_gain_fg_ari"]
         ci = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f},{g['ci95'][1]:+.3f}]"
         lines.append(
-            f"{split:22}{r['n_images']:>4}  {cell('before'):>14}{cell('slot_tta'):>10}{cell('entropy'):>10}{cell('oracle'):>10}"
-            f"{cell('feedforward'):>8}  {ci:>20}{r['timing'].get('slot_tta_seconds_per_image', 0):>8.2f}"
+            f"{split:22}{r['n_images']:>4}  {before:>14}{slot_tta:>10}{entropy:>10}{oracle:>10}{unet:>8}  "
+            f"{ci:>20}{r['timing'].get('slot_tta_seconds_per_image', 0):>8.2f}"
         )
     return lines
 

@@ -23,7 +23,14 @@ import logging
 import sys
 
 from tta_runtime.cli import bench, evaluate, export, models, train, video
-from tta_runtime.cli.common import EXTRAS, Command, add_command, common_options, configure_logging, fail
+from tta_runtime.cli.common import (
+    EXTRAS,
+    Command,
+    add_command,
+    common_options,
+    configure_logging,
+    fail,
+)
 from tta_runtime.errors import TTARuntimeError
 
 log = logging.getLogger("tta_runtime")

@@ -87,8 +87,7 @@ def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
     from tta_runtime.visual import loss_curve, panel
 
     def up(rgb: np.ndarray) -> np.ndarray:  # nearest-neighbour, so pixels stay pixels
-        h, w = rgb.shape[:2]
-        k = max(1, height // h)
+        k = max(1, height // rgb.shape[0])
         return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
 
     rep = after.adaptation

@@ -77,7 +77,11 @@ def add_unet(p: argparse.ArgumentParser) -> None:
 
 
 def _unet(args: argparse.Namespace) -> int:
-    from tta_runtime.training import FeedForwardTrainConfig, save_feedforward, train_feedforward
+    from tta_runtime.training import (
+        FeedForwardTrainConfig,
+        save_feedforward,
+        train_feedforward,
+    )
 
     cfg = FeedForwardTrainConfig(steps=args.steps)
     model = train_feedforward(cfg, Path(args.run_dir), progress=progress(args))
@@ -101,8 +105,7 @@ def _classifier(args: argparse.Namespace) -> int:
     import json
 
     from tta_runtime.config import ClassifierConfig, validate
-    from tta_runtime.training import train_classifier
-    from tta_runtime.training.classifier import DEFAULT_CONFIG
+    from tta_runtime.training import DEFAULT_CONFIG, train_classifier
 
     fields = {**DEFAULT_CONFIG.model_dump(), "norm": args.norm}
     if args.widths is not None:

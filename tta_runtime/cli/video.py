@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
 def add_stream(s: argparse.ArgumentParser) -> None:
     from tta_runtime.data.video import SHIFT_KINDS
-    from tta_runtime.video import ADAPT_MODES, DEFAULT_RECIPE, DEFAULT_STEPS_PER_FRAME, POLICIES
+    from tta_runtime.video import (
+        ADAPT_MODES,
+        DEFAULT_RECIPE,
+        DEFAULT_STEPS_PER_FRAME,
+        POLICIES,
+    )
 
     s.description = (
         "Segment a video frame by frame with continual test-time adaptation; write an annotated video and "
@@ -277,8 +282,8 @@ def _stats_lines(st: StreamStats) -> list[str]:
     d = st.to_dict()
     f, lat = d["frames"], d["latency_ms"]
     lines = [
-        f"{st.source}: {f['in']} frames in, {f['processed']} processed, {f['dropped']} dropped, {f['invalid']} invalid, "
-        f"{f['unreadable']} unreadable; stop: {st.stop_reason}"
+        (f"{st.source}: {f['in']} frames in, {f['processed']} processed, {f['dropped']} dropped, {f['invalid']} invalid, "
+         f"{f['unreadable']} unreadable; stop: {st.stop_reason}")
     ]
     if f["processed"]:
         lines.append(

@@ -43,26 +43,25 @@ from torch import nn
 
 from tta_runtime.data.digits import load_digits
 from tta_runtime.errors import ConfigError
+from tta_runtime.evaluation.timing import interleaved_latency
 from tta_runtime.hub import find_model
 from tta_runtime.models.classifier import (
     CNNClassifier,
     images_to_tensor,
     load_classifier,
 )
-from tta_runtime.prune.ftwt import (
+from tta_runtime.prune import (
     BucketedClassifier,
     FTWTClassifier,
     GatheredClassifier,
     PrunedClassifier,
     fit_buckets,
     fit_static_ks,
-    interleaved_latency,
     predictor_macs,
     save_pruned,
-    train_ftwt,
     unit_macs,
 )
-from tta_runtime.training.classifier import augment
+from tta_runtime.training import augment, train_ftwt
 
 log = logging.getLogger(__name__)
 

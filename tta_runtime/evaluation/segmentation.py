@@ -132,6 +132,30 @@ def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _evaluate_in_workers(
+    runtime: Runtime, splits: Sequence[str], n_images: int, seed: int, adapt: AdaptConfig, base: AdaptConfig | None,
+    feedforward: str | Path | None, jobs: int, bar: tqdm,
+) -> dict[str, Any]:
+    """Each split in a worker process (`_split_worker`); `bar` advances by a split's images as it finishes."""
+    if runtime.folder is None:
+        raise ConfigError("jobs > 1 needs a runtime loaded from a model folder (workers reload it)")
+    work = [
+        {"model": str(runtime.folder), "device": str(runtime.device), "split": split, "n_images": n_images,
+         "seed": seed, "adapt": adapt.model_dump(), "baseline": None if base is None else base.model_dump(),
+         "feedforward": None if feedforward is None else str(feedforward)}
+        for split in splits
+    ]
+    ctx = multiprocessing.get_context("spawn")  # no fork: torch state is not fork-safe
+    parts: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_split_worker, job): job["split"] for job in work}
+        for future in as_completed(futures):
+            parts[futures[future]] = future.result()
+            bar.set_postfix_str(f"{futures[future]} done")
+            bar.update(n_images)
+    return {split: parts[split] for split in splits}
+
+
 def evaluate(
     runtime: Runtime, *, splits: Sequence[str] = ("in_dist", *OOD_SPLITS), n_images: int = 24, seed: int = TEST_SEED,
     recipe: str | None = None, baseline: str | None = "entropy", steps: int | None = None, progress: bool = False,
@@ -147,34 +171,16 @@ def evaluate(
     adapt = load_recipe(recipe or runtime.recipe.name, **extra)
     base = load_recipe(baseline, **extra) if baseline else None
     t0 = time.perf_counter()
-    bar = tqdm(total=len(splits) * n_images, desc="eval", unit="image", disable=not progress, dynamic_ncols=True)
-    if jobs > 1:
-        if runtime.folder is None:
-            raise ConfigError("jobs > 1 needs a runtime loaded from a model folder (workers reload it)")
-        work = [
-            {"model": str(runtime.folder), "device": str(runtime.device), "split": split, "n_images": n_images,
-             "seed": seed, "adapt": adapt.model_dump(), "baseline": None if base is None else base.model_dump(),
-             "feedforward": None if feedforward is None else str(feedforward)}
-            for split in splits
-        ]
-        ctx = multiprocessing.get_context("spawn")  # no fork: torch state is not fork-safe
-        parts: dict[str, dict[str, Any]] = {}
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_split_worker, job): job["split"] for job in work}
-            for future in as_completed(futures):  # a worker reports when its whole split is done
-                parts[futures[future]] = future.result()
-                bar.set_postfix_str(f"{futures[future]} done")
-                bar.update(n_images)
-        results = {split: parts[split] for split in splits}
-    else:
-        ff_model = None
-        if feedforward is not None:
-                ff_model = load_feedforward(feedforward)
-        results = {
-            split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, bar=bar)
-            for split in splits
-        }
-    bar.close()
+    # One bar for the whole call, one step an image; its postfix names the current split.
+    with tqdm(total=len(splits) * n_images, desc="eval", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        if jobs > 1:
+            results = _evaluate_in_workers(runtime, splits, n_images, seed, adapt, base, feedforward, jobs, bar)
+        else:
+            ff_model = None if feedforward is None else load_feedforward(feedforward)
+            results = {
+                split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, bar=bar)
+                for split in splits
+            }
     ood = [s for s in splits if s != "in_dist"]
     summary: dict[str, Any] = {}
     if ood:

@@ -44,6 +44,7 @@ from tta_runtime.prune.variants import (
     PRUNE_DIR,
     build_pruned,
     load_prune_card,
+    load_pruned,
     pruned_variants,
     save_pruned,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "fit_static_ks",
     "ftwt_targets",
     "load_prune_card",
+    "load_pruned",
     "model_macs",
     "predicted_masks",
     "predictor_macs",

@@ -10,16 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from tta_runtime.config import ModelCard, PruneCard, WeightsSpec, validate
 from tta_runtime.errors import ConfigError, ModelLoadError
-from tta_runtime.hub import load_card, sha256_file
+from tta_runtime.hub import load_card, load_weights, sha256_file
 from tta_runtime.prune.fixed import PrunedClassifier
 from tta_runtime.prune.segmenter import PrunedSegmenter
 
-__all__ = ["PRUNE_CARD", "PRUNE_DIR", "build_pruned", "load_prune_card", "pruned_variants", "save_pruned"]
+__all__ = ["PRUNE_CARD", "PRUNE_DIR", "build_pruned", "load_prune_card", "load_pruned", "pruned_variants", "save_pruned"]
 
 PRUNE_DIR = "prune"  # <model folder>/prune/<variant>/
 PRUNE_CARD = "prune.json"
@@ -57,7 +58,7 @@ def load_prune_card(folder: Path, name: str) -> PruneCard:
     if not path.is_file():
         have = pruned_variants(folder)
         hint = (f"this model has: {', '.join(have)}" if have else
-                "this model has none; make one with `tta-runtime prune train --model <name> --r 0.6`")
+                "this model has none; make one with `tta-runtime train ftwt --model <name> --r 0.6`")
         raise ModelLoadError(f"no pruned variant {name!r} in {folder / PRUNE_DIR} ({hint})")
     try:
         return validate(PruneCard, json.loads(path.read_text()), f"prune card {path}")
@@ -74,3 +75,20 @@ def build_pruned(card: ModelCard, prune: PruneCard) -> nn.Module:
     if card.segmenter is None:
         raise ConfigError(f"prune variant {prune.name!r} is for a slot segmenter; {card.name!r} is a {card.architecture}")
     return PrunedSegmenter(card.segmenter, masks=prune.masks, ks=prune.ks)
+
+
+def load_pruned(folder: Path, card: ModelCard, name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The pruned variant `name` of the model in `folder`: its module and checked state dict."""
+    prune = load_prune_card(folder, name)
+    if prune.base_sha256 != card.weights.sha256:
+        raise ModelLoadError(
+            f"pruned variant {name!r} was made from other weights of {card.name!r} (sha256 {prune.base_sha256[:12]}..., "
+            f"the card has {card.weights.sha256[:12]}...); retrain it with `tta-runtime train ftwt`"
+        )
+    model = build_pruned(card, prune)
+    state = load_weights(folder / PRUNE_DIR / name, card, prune.weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"weights of pruned variant {name!r} do not fit {card.name!r}: {e}") from None
+    return model, state

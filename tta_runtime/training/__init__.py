@@ -25,7 +25,12 @@ from tta_runtime.training.feedforward import (
     train_feedforward,
     validate_feedforward,
 )
-from tta_runtime.training.ftwt import FTWTTrainLog, SegmenterFTWTLog, train_ftwt, train_ftwt_segmenter
+from tta_runtime.training.ftwt import (
+    FTWTTrainLog,
+    SegmenterFTWTLog,
+    train_ftwt,
+    train_ftwt_segmenter,
+)
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
 from tta_runtime.training.schedule import Schedule
 from tta_runtime.training.slot import (

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import torch
 from pydantic import BaseModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tta_runtime.errors import ConfigError
@@ -79,7 +79,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises several kinds for a file that is not safetensors
+    except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path} is not a readable training checkpoint: {type(e).__name__}: {e}") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a tta-runtime training checkpoint (metadata format {meta.get('format')!r})")

@@ -1,9 +1,8 @@
 """Train a digits classifier on the clean "train" split and write its model folder (card, weights, Fisher).
 
-Recipe: Adam with a cosine learning-rate decay to zero (the shared loop and schedule of
-``tta_runtime.training.loop``), light geometric augmentation (rotation within
-+-10 degrees, translation within +-2 px, bilinear, black fill; no corruption from ``tta_runtime.data.digits``:
-those are the test shift), and, when the config has a rotation head, the TTT joint loss (Sun et al., ICML
+Recipe (run by the shared loop, ``tta_runtime.training.loop``): Adam with a cosine learning-rate decay to
+zero, light geometric augmentation (``augment``: rotation within +-10 degrees, translation within +-2 px,
+bilinear, black fill; no corruption from ``tta_runtime.data.digits``: those are the test shift), and, when the config has a rotation head, the TTT joint loss (Sun et al., ICML
 2020): cross-entropy of the class on the augmented batch + cross-entropy of the rotation on a copy of it
 turned by a random multiple of 90 degrees. The rotated copy is normalised with its own batch statistics
 (``stat_mode='batch'``) so the BatchNorm running statistics describe upright digits only. The epoch with
@@ -38,7 +37,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tta_runtime.config import ClassifierConfig, ModelCard, Preprocessing, WeightsSpec
-from tta_runtime.data.digits import BENCHMARK_CORRUPTIONS, CORRUPTION_NAMES, LABELS, corrupt, load_digits
+from tta_runtime.data.digits import (
+    BENCHMARK_CORRUPTIONS,
+    CORRUPTION_NAMES,
+    LABELS,
+    corrupt,
+    load_digits,
+)
 from tta_runtime.device import import_cv2
 from tta_runtime.errors import ConfigError
 from tta_runtime.hub import sha256_file
@@ -173,7 +178,7 @@ def train_classifier(
         "batch": batch,
         "optimizer": f"Adam lr {lr}, cosine decay to 0 over {total_steps} steps, no weight decay",
         "loss": "cross-entropy of the class" + (rotation if cfg.rotation_head else ""),
-        "data": f"tta_runtime.digits 'train' split: {len(x_train)} sklearn digits (8x8 scans) upsampled to "
+        "data": f"tta_runtime.data.digits 'train' split: {len(x_train)} sklearn digits (8x8 scans) upsampled to "
         f"{cfg.resolution}x{cfg.resolution}, RGB",
         "augmentation": f"random rotation within +-{MAX_ROTATION_DEG:g} degrees and translation within "
         f"+-{MAX_SHIFT_PX:g} px (at 32x32), bilinear, black fill; no corruptions",
@@ -212,7 +217,7 @@ def write_classifier_folder(
         task="classification",
         architecture="cnn_classifier",
         description=f"CNN classifier ({norm}, widths {list(cfg.widths)}, rotation head) for sklearn's handwritten "
-        f"digits at {cfg.resolution}x{cfg.resolution}; the shift benchmark is tta_runtime.digits' corruptions.",
+        f"digits at {cfg.resolution}x{cfg.resolution}; the shift benchmark is tta_runtime.data.digits' corruptions.",
         classifier=cfg,
         labels=list(LABELS),
         preprocessing=Preprocessing(size=cfg.resolution),
@@ -329,4 +334,3 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-_augment = augment  # TEMPORARY: evaluation/bench_prune.py still imports the old name; remove once it imports `augment`

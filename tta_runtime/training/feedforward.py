@@ -12,7 +12,6 @@ resumable from `run_dir/ckpt.safetensors`.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 
 from tta_runtime.config import WeightsSpec, _Frozen
-from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
-from tta_runtime.errors import ConfigError
+from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes
 from tta_runtime.hub import sha256_file
 from tta_runtime.metrics import fg_ari
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
@@ -34,13 +32,12 @@ from tta_runtime.models.unet import (
     FeedForwardConfig,
     FeedForwardProvenance,
     UNetSegmenter,
-    load_feedforward,  # noqa: F401  TEMPORARY: evaluation/segmentation.py still imports it from here
     predict_segmentation,
 )
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
 from tta_runtime.training.provenance import copy_run, hardware
 from tta_runtime.training.schedule import Schedule
-from tta_runtime.training.slot import balanced_bce, hungarian_targets
+from tta_runtime.training.slot import balanced_bce, hungarian_targets, require_slots
 
 __all__ = [
     "FeedForwardTrainConfig",
@@ -50,8 +47,6 @@ __all__ = [
     "train_feedforward",
     "validate_feedforward",
 ]
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Configuration, loss and validation
@@ -110,12 +105,7 @@ def train_feedforward(cfg: FeedForwardTrainConfig, run_dir: Path, progress: bool
     Data: the slot model's recipe, `generate_scenes("in_dist", batch, seed, size, start=step * batch)`
     at every step. Logs go to `run_dir/log.jsonl` (validation FG-ARI every `eval_every` steps).
     """
-    needed = max_objects("in_dist") + 1  # + 1: the background is matched like an object
-    if cfg.model.num_slots < needed:
-        raise ConfigError(
-            f"model.num_slots={cfg.model.num_slots} is too few for in_dist scenes: every ground-truth segment "
-            f"(up to {needed}, background included) needs its own channel in the Hungarian loss"
-        )
+    require_slots(cfg.model.num_slots, "model.num_slots", "num_slots")
     torch.manual_seed(cfg.seed)
     model = UNetSegmenter(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -188,6 +178,5 @@ def main_train(out_folder: str, run_dir: str, steps: int, command: str | None = 
     """Train with the default config for `steps` steps (resuming `run_dir`), then save to `out_folder`."""
     cfg = FeedForwardTrainConfig(steps=steps)
     model = train_feedforward(cfg, Path(run_dir), progress=progress)
-    command = command or f"tta-runtime train-feedforward --out {out_folder} --run-dir {run_dir} --steps {steps}"
+    command = command or f"tta-runtime train unet --out {out_folder} --run-dir {run_dir} --steps {steps}"
     save_feedforward(model, cfg, out_folder, command=command, run_dir=run_dir)
-    log.info("wrote %s", out_folder)

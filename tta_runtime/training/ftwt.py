@@ -4,8 +4,8 @@
 
 Training is decoupled (FTWT's default): the predictor input is detached (the predictor BCE never reaches the
 backbone) and the applied mask is computed without gradient (the task loss never trains the predictor).
-Loss = task loss + w x sum over pruned units of BCE(predictor logits, `ftwt_targets` at r), w = 1 for the
-first half of training, then 0 (the predictors' optimizer then stops stepping); the backbone fine-tunes from
+Loss = task loss + w x BCE(predictor logits, `ftwt_targets` at r) summed (classifier) or averaged
+(segmenter) over the pruned units, w = 1 for the first half of training, then 0 (the predictors' optimizer then stops stepping); the backbone fine-tunes from
 the given weights with the masks multiplied onto its activations. The task loss is the cross-entropy for the
 classifier, and the segmenter's own training loss (`tta_runtime.training.slot.slot_loss`) for the encoder.
 """
@@ -25,9 +25,14 @@ from tta_runtime.data.scenes import TRAIN_SEED
 from tta_runtime.errors import ConfigError
 from tta_runtime.models.classifier import CNNClassifier, images_to_tensor, set_norm_mode
 from tta_runtime.models.segmenter import SlotSegmenter
-from tta_runtime.prune.fast import fit_buckets, fit_static_ks
-from tta_runtime.prune.predictors import FTWTClassifier, WidthBuckets
-from tta_runtime.prune.segmenter import PrunedSegmenter, pruned_units
+from tta_runtime.prune import (
+    FTWTClassifier,
+    PrunedSegmenter,
+    WidthBuckets,
+    fit_buckets,
+    fit_static_ks,
+    pruned_units,
+)
 from tta_runtime.training.loop import Optimized, Shuffled, StepOutput, train_loop
 from tta_runtime.training.schedule import Schedule
 from tta_runtime.training.slot import scene_batch, slot_loss

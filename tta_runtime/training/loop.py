@@ -1,4 +1,4 @@
-"""The one training loop: the slot segmenter, the U-Net baseline, the classifiers and FTWT all run through `train_loop`.
+"""The one training loop (`train_loop`): the slot segmenter, the U-Net baseline, the classifiers and FTWT.
 
 A trainer supplies only what is its own:
 
@@ -9,7 +9,8 @@ A trainer supplies only what is its own:
 - `validate(step) -> dict`, run with the model in eval() every `eval_every` steps and at the last step.
 
 The loop owns the rest: the lr of every optimizer, zero_grad / backward / clip / step under `enable_grad`,
-the log records, and, with a `RunFolder`, resume from and a checkpoint every `ckpt_every` steps to
+the log records (the window means plus `step`, the first optimizer's `lr`, `seconds` and what `validate`
+returned), and, with a `RunFolder`, resume from and a checkpoint every `ckpt_every` steps to
 `ckpt.safetensors`, `config.json` and the records appended to `log.jsonl`. With `progress`, one tqdm bar.
 `elapsed` counts the seconds of steps and validation, not checkpoint writes.
 """
@@ -30,7 +31,12 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from tta_runtime.errors import ConfigError
-from tta_runtime.training.checkpoint import CKPT_FILE, LOG_FILE, resume_checkpoint, save_checkpoint
+from tta_runtime.training.checkpoint import (
+    CKPT_FILE,
+    LOG_FILE,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from tta_runtime.training.schedule import Schedule
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,24 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from tta_runtime.config import ModelCard, OODStats, Preprocessing, SegmenterConfig, WeightsSpec, _Frozen
+from tta_runtime.config import (
+    ModelCard,
+    OODStats,
+    Preprocessing,
+    SegmenterConfig,
+    WeightsSpec,
+    _Frozen,
+)
 from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from tta_runtime.errors import ConfigError
 from tta_runtime.hub import sha256_file
 from tta_runtime.metrics import fg_ari, hungarian_match
-from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter, reconstruction_loss, segmentation_masks
+from tta_runtime.models.segmenter import (
+    SegmenterOutput,
+    SlotSegmenter,
+    reconstruction_loss,
+    segmentation_masks,
+)
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
 from tta_runtime.training.checkpoint import CKPT_FILE, adam_moments, load_checkpoint
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
@@ -41,12 +53,13 @@ from tta_runtime.training.schedule import Schedule
 __all__ = [
     "SceneBatch",
     "TrainConfig",
-    "matched_attention_loss",
     "balanced_bce",
     "hungarian_targets",
+    "matched_attention_loss",
     "matched_bce",
     "matched_mask_loss",
     "predict_batches",
+    "require_slots",
     "scene_batch",
     "slot_loss",
     "to_tensor",
@@ -138,6 +151,17 @@ def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     return balanced_bce(masks, hungarian_targets(masks, instances)[0])
 
 
+def require_slots(k: int, field: str, option: str) -> None:
+    """ConfigError unless `k` mask channels can each take one segment of every training scene: the matched
+    losses need a channel per object plus one for the background."""
+    needed = max_objects("in_dist") + 1
+    if k < needed:
+        raise ConfigError(
+            f"{field}={k} is too few: training scenes hold up to {needed - 1} objects plus the background, and "
+            f"the Hungarian-matched loss needs a channel for each; use {option} {needed} or more"
+        )
+
+
 def _mask_weight_at(cfg: TrainConfig, step: int) -> float:
     t = min(1.0, step / max(1, cfg.steps))
     return cfg.mask_weight + t * (cfg.mask_weight_final - cfg.mask_weight)
@@ -218,12 +242,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: in
 
     `stop_at`: stop after this step (checkpointed) although the schedule runs to `cfg.steps`; a later call
     resumes from there. How a run cut short by a session's end is replayed exactly."""
-    needed = max_objects("in_dist") + 1  # every object plus the background needs its own slot
-    if cfg.segmenter.num_slots < needed:
-        raise ConfigError(
-            f"num_slots={cfg.segmenter.num_slots} is too few: training scenes hold up to {needed - 1} objects plus "
-            f"the background; use --slots {needed} or more"
-        )
+    require_slots(cfg.segmenter.num_slots, "num_slots", "--slots")
     torch.manual_seed(cfg.seed)
     model = SlotSegmenter(cfg.segmenter)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -309,19 +328,19 @@ def write_model_folder(
             "seconds": elapsed,
             "hardware": hardware(),
             "changes_from_paper": [
-                f"{cfg.segmenter.resolution}x{cfg.segmenter.resolution} images, {cfg.segmenter.num_slots} slots "
-                "(paper 128x128, 11)",
+                (f"{cfg.segmenter.resolution}x{cfg.segmenter.resolution} images, {cfg.segmenter.num_slots} slots "
+                 "(paper 128x128, 11)"),
                 f"encoder {cfg.segmenter.encoder_channels} channels (paper 64)",
-                f"decoder input: raw coordinates + {cfg.segmenter.decoder_fourier_bands} sin/cos frequency bands "
-                "(paper: raw coordinates only)",
+                (f"decoder input: raw coordinates + {cfg.segmenter.decoder_fourier_bands} sin/cos frequency bands "
+                 "(paper: raw coordinates only)"),
                 f"decodes {cfg.pixel_fraction:.0%} of pixels per step (random subset)",
                 f"mask-loss weight {cfg.mask_weight} decaying linearly to {cfg.mask_weight_final} (paper 0.01)",
                 *(
                     [f"the matched mask loss also on the slot-attention maps, weight {cfg.attn_weight} x mask weight"]
                     if cfg.attn_weight > 0 else []
                 ),
-                f"Adam lr {cfg.lr} with {cfg.warmup} warm-up steps, cosine decay to {cfg.lr_final_fraction}x; "
-                f"grad-norm clip {cfg.grad_clip}; batch {cfg.batch}",
+                (f"Adam lr {cfg.lr} with {cfg.warmup} warm-up steps, cosine decay to {cfg.lr_final_fraction}x; "
+                 f"grad-norm clip {cfg.grad_clip}; batch {cfg.batch}"),
             ],
         },
         metrics={"val_in_dist_256": val},
