@@ -362,13 +362,16 @@ def test_missing_calibration_says_how_to_fit(tmp_path) -> None:
         ood.load_calibration(tmp_path)
 
 
-def test_calibration_for_other_weights_is_refused(tiny_model_dir, fit_feats: OODFeatures, fx: dict) -> None:
+def test_calibration_for_other_weights_is_refused(tiny_model_dir, tmp_path, fit_feats: OODFeatures, fx: dict) -> None:
     card = json.loads((tiny_model_dir / "card.json").read_text())
-    ood.save_calibration(tiny_model_dir, _calibrations(fit_feats, fx, sha=card["weights"]["sha256"]))
-    assert set(ood.load_calibration(tiny_model_dir)) == {"recon_error", "knn", "mahalanobis", "energy", "vim"}
-    ood.save_calibration(tiny_model_dir, _calibrations(fit_feats, fx, sha="0" * 64))
+    dim = int(fit_feats.embedding.shape[1])
+    card["segmenter"]["slot_dim"] = dim  # the calibration's feature width must match what the card implies
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    ood.save_calibration(tmp_path, _calibrations(fit_feats, fx, sha=card["weights"]["sha256"]))
+    assert set(ood.load_calibration(tmp_path)) == {"recon_error", "knn", "mahalanobis", "energy", "vim"}
+    ood.save_calibration(tmp_path, _calibrations(fit_feats, fx, sha="0" * 64))
     with pytest.raises(ModelLoadError, match="fitted for weights 000000000000"):
-        ood.load_calibration(tiny_model_dir)
+        ood.load_calibration(tmp_path)
 
 
 def test_corrupt_calibration_is_a_load_error(tmp_path, fit_feats: OODFeatures, fx: dict) -> None:

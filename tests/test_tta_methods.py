@@ -61,7 +61,7 @@ def test_every_method_works_at_batch_1_and_in_a_batch_and_resets(recipe, model_n
 def test_predict_takes_gray_batches_and_a_batch_equals_single_images(digits):
     images, _ = digits
     rt = tta_runtime.Runtime.from_pretrained("digits-cnn-bn")
-    gray = images[:3, :, :, 0]  # (N, H, W)
+    gray = images[:3, :, :, :1]  # (N, H, W, 1)
     batch = rt.predict(gray)
     singles = [rt.predict(g) for g in gray]
     for b, s in zip(batch, singles):

@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from tta_runtime.errors import ConfigError
+
 from tta_runtime.visual import loss_curve, mask_grid, overlay_masks, palette, panel, save_png
 
 
@@ -130,8 +132,12 @@ def test_save_png_errors(tmp_path: pathlib.Path):
         save_png(tmp_path / "x.jpg", image)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="file"):
+    with pytest.raises(ConfigError, match="Not a directory"):  # a typed error, and nothing written
         save_png(blocker / "x.png", image)
+    assert blocker.read_text() == "not a directory"
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(ConfigError, match="refusing to replace"):
+        save_png(tmp_path / "d.png", image)
     with pytest.raises(ValueError, match=r"\(20, 30\)"):
         save_png(tmp_path / "y.png", image[:, :, 0])
 

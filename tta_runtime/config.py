@@ -3,20 +3,56 @@
 Everything here is a frozen pydantic v2 model that rejects unknown keys, so a typo in a card, a recipe
 or an override fails loudly with the field's name instead of being ignored. A component receives only
 its own section (the segmenter gets `SegmenterConfig`, the adaptation loop gets `AdaptConfig`).
+
+Types are strict: no coercion of strings or bools to numbers (`steps="3"`, `steps=True`, `lr="0.1"`,
+`half="yes"` are refused), an int is accepted where a float is expected (JSON and TOML write 1.0 as 1
+too), NaN and infinities are refused, and every numeric field has a range. The limits on work per call:
+`steps` (and `warmup_steps`, `early_stop_patience`) at most `MAX_STEPS`; the export limits are in
+`tta_runtime.deploy.options`.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tta_runtime.errors import ConfigError
 
 
+# Limits on work per call and on the size of what a card may build (documented in the fields below).
+MAX_STEPS = 10_000  # adaptation steps per call: ~3 min of the runtime's lock for the shipped segmenter on CPU
+MAX_SEED = 2**63 - 1  # seeds go to torch.Generator.manual_seed (and fit an int64)
+MAX_WIDTH = 4096  # channels of one classifier stage
+MAX_PARAMETERS = 50_000_000  # parameters a cnn_classifier card may build before its weights are checked
+MAX_PIXELS = 16384 * 16384  # the largest `max_pixels` a runtime may be given
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no str/bool -> number coercion (an int is still a valid float); finite floats only
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_scalars(cls, data: Any) -> Any:
+        """numpy scalars (np.int64 from an array, np.float32) are the numbers they hold; nothing else is converted."""
+        if isinstance(data, dict) and any(isinstance(v, np.generic) for v in data.values()):
+            return {k: _plain(v) for k, v in data.items()}
+        return data
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
 
 
 class SegmenterConfig(_Frozen):
@@ -64,7 +100,10 @@ class ClassifierConfig(_Frozen):
     resolution: int = Field(32, ge=8, le=512, description="square input size in pixels")
     in_channels: int = Field(3, ge=1, le=4)
     num_classes: int = Field(10, ge=2, le=100_000)
-    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1, max_length=6, description="channels per stage")
+    widths: tuple[Annotated[int, Field(ge=1, le=MAX_WIDTH)], ...] = Field(
+        (32, 64, 128), min_length=1, max_length=6, strict=False,
+        description=f"channels per stage, each 1..{MAX_WIDTH}; the whole model at most {MAX_PARAMETERS:,} parameters",
+    )
     norm: Literal["batch", "group", "layer"] = Field(
         "batch", description="'batch' (BatchNorm2d), 'group' (GroupNorm, `groups` groups) or 'layer' (GroupNorm(1))"
     )
@@ -77,7 +116,20 @@ class ClassifierConfig(_Frozen):
             raise ValueError(f"resolution {self.resolution} must be divisible by 2**(len(widths)-1) for the poolings")
         if self.norm == "group" and any(w % self.groups for w in self.widths):
             raise ValueError(f"every width in {self.widths} must be divisible by groups={self.groups}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ValueError(
+                f"widths {self.widths} with {self.num_classes} classes make {self.parameter_count():,} parameters, "
+                f"above the limit of {MAX_PARAMETERS:,}; use narrower stages"
+            )
         return self
+
+    def parameter_count(self) -> int:
+        """Parameters of the network this config builds (convs, norms, heads), computed without building it."""
+        n, cin = 0, self.in_channels
+        for w in self.widths:
+            n += 9 * cin * w + 9 * w * w + 4 * w  # two conv3x3 (no bias), two norm affines
+            cin = w
+        return n + cin * self.num_classes + self.num_classes + (cin * 4 + 4 if self.rotation_head else 0)
 
 
 class ExternalConfig(_Frozen):
@@ -87,8 +139,12 @@ class ExternalConfig(_Frozen):
     name: str = Field(min_length=1, description="architecture name, e.g. 'resnet18' (torchvision.models.get_model / timm.create_model)")
     num_classes: int = Field(ge=2, le=100_000)
     resolution: int = Field(224, ge=8, le=1024, description="square input size the runtime resizes images to")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per-channel input mean (images in [0, 1])")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per-channel input std")
+    mean: tuple[Annotated[float, Field(ge=-10, le=10)], ...] = Field(
+        (0.485, 0.456, 0.406), min_length=3, max_length=3, strict=False, description="per-channel input mean (images in [0, 1])"
+    )
+    std: tuple[Annotated[float, Field(gt=0, le=10)], ...] = Field(
+        (0.229, 0.224, 0.225), min_length=3, max_length=3, strict=False, description="per-channel input std, > 0"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
 
 
@@ -107,9 +163,9 @@ class WeightsSpec(_Frozen):
 class OODStats(_Frozen):
     """In-distribution statistics of the per-image reconstruction MSE, for the default OOD score."""
 
-    recon_mse_mean: float = Field(ge=0)
-    recon_mse_std: float = Field(gt=0)
-    n_images: int = Field(ge=1)
+    recon_mse_mean: float = Field(ge=0, le=1e6)
+    recon_mse_std: float = Field(gt=0, le=1e6)
+    n_images: int = Field(ge=1, le=10**9)
     split: str = "in_dist"
 
 
@@ -126,7 +182,9 @@ class PruneCard(_Frozen):
         "predict", description="'predict': sigmoid > 0.5 per channel (k varies per input); 'topk': the ks[u] most "
         "likely channels of unit u (static k, what the gather path and its ONNX export run)",
     )
-    ks: list[int] | None = Field(None, description="kept channels per unit for masks='topk' (unit 0 = full width)")
+    ks: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = Field(
+        None, max_length=64, description="kept channels per unit for masks='topk' (unit 0 = full width)"
+    )
     weights: WeightsSpec
     training: dict[str, Any] = Field(default_factory=dict, description="provenance: command, recipe, seconds")
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -199,7 +257,10 @@ class ExecutionConfig(_Frozen):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch.compile the step; 'reduce-overhead' also captures CUDA graphs"
     )
-    compile_backend: str = Field("inductor", description="torch.compile backend ('eager' or 'aot_eager': capture without generating code)")
+    compile_backend: Literal["inductor", "eager", "aot_eager", "cudagraphs"] = Field(
+        "inductor", description="torch.compile backend: 'inductor', 'eager' or 'aot_eager' (capture without generating "
+        "code), 'cudagraphs'"
+    )
     autocast: Literal["off", "bf16"] = Field(
         "off", description="bfloat16 forward and backward (float32 weights and Adam); float16 would need loss scaling"
     )
@@ -236,18 +297,21 @@ class AdaptConfig(_Frozen):
     lr: float = Field(5e-4, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD and SAM's base SGD")
     sam_rho: float = Field(0.05, gt=0, le=10, description="SAM's neighbourhood radius")
-    weight_decay: float = Field(0.0, ge=0)
-    steps: int = Field(150, ge=0, le=100_000)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay, 0..1")
+    steps: int = Field(
+        150, ge=0, le=MAX_STEPS,
+        description=f"gradient steps per call, 0..{MAX_STEPS} (the cap on work per call: the runtime's lock is held meanwhile)",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="'cosine': after warm-up, decay the lr to lr * lr_final_fraction over the steps"
     )
-    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from lr / (warmup_steps + 1) over these steps")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="linear lr warm-up from lr / (warmup_steps + 1) over these steps")
     lr_final_fraction: float = Field(0.1, ge=0, le=1, description="cosine schedule's final lr as a fraction of lr")
-    grad_clip: float | None = Field(None, gt=0, description="max global grad norm; None = no clipping")
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="max global grad norm; None = no clipping")
     early_stop_patience: int | None = Field(
-        None, ge=1, description="stop after this many steps without improving the loss by early_stop_min_delta"
+        None, ge=1, le=MAX_STEPS, description="stop after this many steps without improving the loss by early_stop_min_delta"
     )
-    early_stop_min_delta: float = Field(1e-4, ge=0, description="relative loss improvement that counts")
+    early_stop_min_delta: float = Field(1e-4, ge=0, le=1, description="relative loss improvement that counts")
     pixel_fraction: float = Field(
         1.0, gt=0, le=1, description="fraction of pixels decoded and scored per step (1.0 = all pixels)"
     )
@@ -263,9 +327,10 @@ class AdaptConfig(_Frozen):
         "'ema' (running statistics moved towards each batch's by norm_momentum: they follow a continual stream)",
     )
     norm_momentum: float = Field(0.05, gt=0, le=1, description="EMA momentum of norm_stats='ema'")
-    norm_prior: float = Field(16.0, gt=0, description="N in (N * source + n * batch) / (N + n) for norm_stats='prior'")
+    norm_prior: float = Field(16.0, gt=0, le=1e6, description="N in (N * source + n * batch) / (N + n) for norm_stats='prior'")
     time_budget_ms: float | None = Field(
-        None, gt=0, description="stop stepping once this much time has gone into the loop (streams); None = no limit"
+        None, gt=0, le=3_600_000, description="stop stepping once this much time has gone into the loop (streams), "
+        "at most an hour; None = no limit"
     )
     restore_prob: float = Field(
         0.0, ge=0, le=1,
@@ -274,7 +339,10 @@ class AdaptConfig(_Frozen):
         "source model; 0 = off (CoTTA uses 0.01)",
     )
     mode: Literal["episodic", "continual"] = "episodic"
-    seed: int = Field(0, description="seeds pixel subsets and restore masks; the model itself is deterministic")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds pixel subsets and restore masks (0..2**63-1, a torch seed); the model "
+        "itself is deterministic"
+    )
     execution: ExecutionConfig | None = Field(
         None, description="a recipe's [execution] table: a batch of images given to adapt_and_predict is adapted "
         "all at once, each image with its own weights (slot segmenters, episodic); None = image by image",
@@ -306,7 +374,7 @@ class RuntimeOptions(_Frozen):
     """Options of a `Runtime` that are not part of the model or the recipe."""
 
     device: str = "cpu"
-    max_pixels: int = Field(4096 * 4096, ge=1, description="largest accepted input, in pixels (H*W)")
+    max_pixels: int = Field(4096 * 4096, ge=1, le=MAX_PIXELS, description=f"largest accepted input, in pixels (H*W), at most {MAX_PIXELS:,}")
     recipe: str = Field("slot_tta", description="recipe name in adapters/ or a path to a recipe .toml")
     mode: Literal["episodic", "continual"] | None = Field(
         None, description="overrides the recipe's mode when set"
@@ -321,13 +389,13 @@ class RuntimeOptions(_Frozen):
         "torch", description="frozen path: PyTorch eager or ONNX Runtime (adaptation stays in PyTorch; adapted "
         "weights are pushed into the graph by name)",
     )
-    onnxruntime_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
+    onnxruntime_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = its default)")
     reset_every: int | None = Field(
-        None, ge=1, description="continual mode: back to the loaded weights after this many adapted inputs "
+        None, ge=1, le=10**9, description="continual mode: back to the loaded weights after this many adapted inputs "
         "(a reset policy against slow collapse on long streams); None = only on reset() or a method's signal",
     )
     collapse_window: int | None = Field(
-        None, ge=2, description="continual mode, classifiers: reset when the labels predicted for the last this many "
+        None, ge=2, le=100_000, description="continual mode, classifiers: reset when the labels predicted for the last this many "
         "adapted inputs have a histogram entropy below collapse_entropy * ln(C) (the model predicts a few classes "
         "for everything); None = off",
     )
@@ -370,3 +438,18 @@ def with_overrides(cfg: _Frozen, overrides: dict[str, Any], what: str) -> Any:
     data = cfg.model_dump()
     data.update(overrides)
     return validate(type(cfg), data, what)
+
+
+def check_keywords(given: Iterable[str], accepted: Iterable[str], what: str) -> None:
+    """`ConfigError` naming the unknown keywords of a call (`what`, e.g. "stream()") and the accepted ones."""
+    known = list(accepted)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"{what} got unknown keyword(s) {unknown}; it accepts {sorted(known)}")
+
+
+def keywords_of(func: Callable[..., Any], skip: int = 0) -> list[str]:
+    """The names `func` takes as keywords (after its first `skip` positional parameters)."""
+    params = list(inspect.signature(func).parameters.values())[skip:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tta_runtime.config import ModelCard
+from tta_runtime.errors import ModelLoadError
 from tta_runtime.ood import Calibration, OODFeatures, features_from_output
 
 
@@ -54,11 +55,16 @@ def features_with(
 
 
 def ood_scores(feats: OODFeatures, calibration: Calibration | None, card: ModelCard) -> list[OODScore]:
-    """One `OODScore` per input of the batch that `feats` describes."""
+    """One `OODScore` per input of the batch that `feats` describes.
+
+    The inputs are finite (the image door refuses NaN and Inf), so a score that is not (NaN from a NaN in
+    the calibration, Inf from a standard deviation of 0) means the calibration or the card's statistics are
+    broken: `ModelLoadError`, rather than an `is_ood` that is silently always False."""
     n = len(feats)
     mse = feats.recon_mse.float().cpu().numpy() if feats.recon_mse is not None else np.full(n, np.nan)
     if calibration is not None:
-        scores = calibration.score(feats)
+        scores = np.asarray(calibration.score(feats), dtype=np.float64)
+        _check_finite(scores, calibration.threshold, f"the calibrated OOD scorer {calibration.scorer!r} (<model>/ood/)")
         return [OODScore(float(s), calibration.scorer, bool(s > calibration.threshold), float(m)) for s, m in zip(scores, mse)]
     if card.task == "classification":  # energy (Liu et al. 2020), uncalibrated
         energy = (-torch.logsumexp(feats.logits.float(), dim=1)).cpu().numpy()
@@ -66,4 +72,16 @@ def ood_scores(feats: OODFeatures, calibration: Calibration | None, card: ModelC
     stats = card.ood
     if stats is None:
         return [OODScore(float(m), "recon_mse", None, float(m)) for m in mse]
-    return [OODScore(float((m - stats.recon_mse_mean) / stats.recon_mse_std), "recon_mse_z", None, float(m)) for m in mse]
+    z = (mse.astype(np.float64) - stats.recon_mse_mean) / stats.recon_mse_std if stats.recon_mse_std else np.full(n, np.inf)
+    _check_finite(z, 0.0, "the card's OOD statistics (ood.recon_mse_mean / recon_mse_std)")
+    return [OODScore(float(s), "recon_mse_z", None, float(m)) for s, m in zip(z, mse)]
+
+
+def _check_finite(scores: np.ndarray, threshold: float, source: str) -> None:
+    if not (np.isfinite(scores).all() and np.isfinite(threshold)):
+        bad = scores[~np.isfinite(scores)][:3].tolist() if not np.isfinite(scores).all() else []
+        raise ModelLoadError(
+            f"{source} gives non-finite OOD scores {bad} (threshold {threshold}) for finite inputs: its statistics "
+            "hold NaN/Inf or a standard deviation of 0. Refit the calibration (tta-runtime ood fit), or load with "
+            "load_calibration=False"
+        )

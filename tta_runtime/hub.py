@@ -12,9 +12,7 @@ safetensors (or `torch.load(weights_only=True)`), so a tampered file is refused 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,16 @@ import torch
 
 from tta_runtime.config import AdaptConfig, ModelCard, WeightsSpec, validate
 from tta_runtime.errors import ConfigError, ModelLoadError, UnknownNameError
+from tta_runtime.files import (
+    MAX_WEIGHTS_BYTES,
+    inside,
+    is_plain_name,
+    path_arg,
+    plain_name,
+    read_json,
+    read_toml,
+    regular_file,
+)
 from tta_runtime.registry import unknown_name_message
 
 DEFAULT_MODEL = "slot-shapes-32"
@@ -62,39 +70,63 @@ def list_recipes() -> list[str]:
     return sorted({f.stem for root in adapter_roots() for f in root.glob("*.toml")})
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system, a permission: not a folder we can use
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def find_model(name_or_path: str | os.PathLike[str] | None = None) -> Path:
-    """The folder of a model given by repository name, folder path, or path to its card or weights."""
+    """The folder of a model given by repository name, folder path, or path to its card or weights.
+
+    A repository name must be a plain name ([a-z0-9][a-z0-9_.-]*): it is looked up in each model root,
+    never resolved as a path relative to one."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / CARD_FILE).is_file():
+    path = path_arg(name_or_path, "model (a repository name or a model folder path)", ConfigError).expanduser()
+    if _is_dir(path):
+        if not _is_file(path / CARD_FILE):
             raise ModelLoadError(f"{path} is a folder but holds no {CARD_FILE}; a model folder needs a card and weights")
         return path
-    if path.is_file():  # card.json or the weights file beside it
-        if not (path.parent / CARD_FILE).is_file():
+    if _is_file(path):  # card.json or the weights file beside it
+        if not _is_file(path.parent / CARD_FILE):
             raise ModelLoadError(f"{path} has no {CARD_FILE} beside it; a model needs its card")
         return path.parent
-    name = str(name_or_path)
-    for root in model_roots():
-        if (root / name / CARD_FILE).is_file():
-            return root / name
-    if os.sep in name or name.endswith((".json", ".safetensors", ".pt")):
-        raise ModelLoadError(f"no such model file or folder: {name}")
+    name = os.fspath(name_or_path)
+    if is_plain_name(name):
+        for root in model_roots():
+            if _is_file(root / name / CARD_FILE):
+                return root / name
+    if not is_plain_name(name) or name.endswith((".json", ".safetensors", ".pt")):
+        raise ModelLoadError(f"no such model file or folder: {path}; a repository name is a plain name such as {DEFAULT_MODEL!r}")
     raise UnknownNameError(unknown_name_message("model", name, list_models()))
 
 
 def load_card(folder: Path) -> ModelCard:
-    """Parse and validate `folder/card.json`."""
-    path = folder / CARD_FILE
+    """Parse and validate `folder/card.json`; every file it names must lie inside `folder` and its
+    default recipe must be a plain recipe name (ModelLoadError otherwise)."""
+    path = Path(folder) / CARD_FILE
+    data = read_json(path, "model card", error=ModelLoadError)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read model card {path}: {e}") from None
-    try:
-        return validate(ModelCard, data, f"model card {path}")
+        card: ModelCard = validate(ModelCard, data, f"model card {path}")
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
+    for key in ("weights", "optimizer_state", "fisher"):
+        spec = getattr(card, key)
+        if spec is not None:
+            inside(folder, spec.file, f"{key}.file of model card {path}", ModelLoadError)
+    recipe = plain_name(card.default_recipe, f"default_recipe of model card {path}", ModelLoadError)
+    if recipe.endswith(".toml"):  # a plain name, but load_recipe would read it as a path
+        raise ModelLoadError(f"default_recipe of model card {path} must be a recipe name without .toml, got {recipe!r}")
+    return card
 
 
 def sha256_file(path: Path) -> str:
@@ -113,12 +145,21 @@ def load_optimizer_state(folder: Path, card: ModelCard) -> dict[str, torch.Tenso
 
 
 def load_weights(folder: Path, card: ModelCard, spec: WeightsSpec | None = None) -> dict[str, torch.Tensor]:
-    """The state dict named by the card, after checking its sha256. Never unpickles arbitrary objects."""
+    """The state dict named by the card, after checking its sha256. Never unpickles arbitrary objects.
+
+    The file must lie inside `folder` (checked before it is opened) and be a regular file of at most
+    `MAX_WEIGHTS_BYTES`; every floating tensor must be finite (NaN/Inf weights are refused)."""
     spec = spec or card.weights
-    path = folder / spec.file
-    if not path.is_file():
+    path = inside(folder, spec.file, "weights file named by the card", ModelLoadError)
+    if not _is_file(path) and not path.exists():
         raise ModelLoadError(f"weights file {path} named by the card is missing")
-    digest = sha256_file(path)
+    size = regular_file(path, "weights file", ModelLoadError).st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise ModelLoadError(f"weights file {path} is {size:,} bytes; the limit is {MAX_WEIGHTS_BYTES:,}")
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read weights file {path}: {e.strerror or e}") from None
     if digest != spec.sha256:
         raise ModelLoadError(
             f"weights file {path} does not match its card (sha256 {digest[:12]}..., card says "
@@ -129,34 +170,42 @@ def load_weights(folder: Path, card: ModelCard, spec: WeightsSpec | None = None)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors/pickle raise many kinds; all mean "not a valid weights file"
         raise ModelLoadError(f"cannot load weights {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelLoadError(f"{path} does not hold a flat state dict of tensors")
+    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelLoadError(
+            f"weights file {path} holds NaN or infinite values in {len(bad)} tensor(s), e.g. {bad[:3]}: the model "
+            f"would output garbage; restore the file from its source"
+        )
     return state
 
 
 def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
-    path = Path(name_or_path).expanduser()
+    """The file of a recipe given by name (a plain name, looked up in the adapters folders) or by the path
+    of a `.toml` file (the caller's own file)."""
+    path = path_arg(name_or_path, "recipe (a recipe name or a .toml path)", ConfigError).expanduser()
     if path.suffix == ".toml":
-        if not path.is_file():
+        if not _is_file(path) and not path.exists():
             raise ConfigError(f"no such recipe file: {path}")
+        regular_file(path, "recipe file", ConfigError)
         return path
+    name = plain_name(os.fspath(name_or_path), "recipe name (or a path ending in .toml)", ConfigError)
     for root in adapter_roots():
-        if (root / f"{name_or_path}.toml").is_file():
-            return root / f"{name_or_path}.toml"
-    raise UnknownNameError(unknown_name_message("recipe", str(name_or_path), list_recipes()))
+        if _is_file(root / f"{name}.toml"):
+            return root / f"{name}.toml"
+    raise UnknownNameError(unknown_name_message("recipe", name, list_recipes()))
 
 
 def load_recipe(name_or_path: str | os.PathLike[str], **overrides: Any) -> AdaptConfig:
     """A validated recipe from `adapters/<name>.toml` (or a .toml path), with field overrides."""
     path = find_recipe(name_or_path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read recipe {path}: {e}") from None
+    data = read_toml(path, "recipe", error=ConfigError)
     data.setdefault("name", path.stem)
     data.update(overrides)
     return validate(AdaptConfig, data, f"recipe {path.name}")

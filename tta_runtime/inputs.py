@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tta_runtime.decode import EXPECTED, check_numpy_layout, describe, pil_to_array, read_file
+from tta_runtime.decode import EXPECTED, check_numpy_layout, check_pixels, describe, pil_to_array, read_file
 from tta_runtime.device import import_cv2
 from tta_runtime.errors import InvalidInputError
 
@@ -100,29 +100,29 @@ def prepare_image(
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
 
-    array, order, what = _to_array(image, channel_order)
+    array, order, what = _to_array(image, channel_order, max_pixels)
     return _prepare_array(array, order, out_hw, max_pixels, what)
 
 
-def split_batch(images: Any, *, gray_batches: bool = False) -> list[Any] | None:
+def split_batch(images: Any) -> list[Any] | None:
     """The images of a batch, one by one, or None when `images` is a single image.
 
-    A batch is a numpy array (N, H, W, C) (any N, even 1), a torch tensor (N, C, H, W) with N > 1 (a
+    A batch is a numpy array (N, H, W, C) (any N, even 1), a dense torch tensor (N, C, H, W) with N > 1 (a
     (1, C, H, W) tensor stays one image, as `prepare_image` reads it), or a list/tuple of images (arrays,
-    tensors, paths or PIL images). With `gray_batches` (classifiers), a numpy array (N, H, W) whose last
-    axis is not a channel count (1, 3 or 4) is a batch of gray images too. Each item is then checked by
-    `prepare_image` like a single image.
+    tensors, paths or PIL images). Each item is then checked by `prepare_image` like a single image.
+    A 3-D numpy array is always one image (H, W, C), for classifiers as for segmenters: an (N, H, W) stack
+    of gray images is ambiguous with a channels-first or many-channel image, and is refused by
+    `prepare_image` with the forms it takes (a gray batch is (N, H, W, 1)).
     """
     if isinstance(images, np.ndarray):
         if images.ndim == 4:
             if images.shape[0] == 0:
                 raise InvalidInputError(f"got {describe(images)}; a batch needs at least one image")
             return list(images)
-        if gray_batches and images.ndim == 3 and images.shape[2] not in (1, 3, 4):
-            return list(images)
         return None
     if isinstance(images, torch.Tensor):
-        return list(images) if images.ndim == 4 and images.shape[0] > 1 else None
+        dense = not (images.is_nested or images.layout != torch.strided or images.is_meta)
+        return list(images) if dense and images.ndim == 4 and images.shape[0] > 1 else None
     if isinstance(images, (list, tuple)) and images and all(
         isinstance(x, (np.ndarray, torch.Tensor, str, os.PathLike)) or type(x).__module__.startswith("PIL")
         for x in images
@@ -195,7 +195,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # Every input kind becomes (array, channel order, description)
 
 
-def _to_array(image: Any, channel_order: str) -> tuple[np.ndarray, str, str]:
+def _to_array(image: Any, channel_order: str, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """Dispatch on the kind of input; return an (H, W) or (H, W, C) array with C in (1, 3, 4).
 
     The array may be a view of the caller's data; later steps only read it.
@@ -203,13 +203,13 @@ def _to_array(image: Any, channel_order: str) -> tuple[np.ndarray, str, str]:
     if image is None:
         raise InvalidInputError(f"got None; {EXPECTED}")
     if isinstance(image, torch.Tensor):
-        return _tensor_to_array(image, channel_order)
+        return _tensor_to_array(image, channel_order, max_pixels)
     if isinstance(image, np.ndarray):
         return check_numpy_layout(image, describe(image)), channel_order, describe(image)
     if isinstance(image, (str, os.PathLike)):
-        return read_file(image)
+        return read_file(image, max_pixels)
     if type(image).__module__.startswith("PIL"):
-        return pil_to_array(image)
+        return pil_to_array(image, max_pixels)
     if isinstance(image, (list, tuple)):
         raise InvalidInputError(
             f"got a {type(image).__name__} of length {len(image)}; {EXPECTED}. "
@@ -224,9 +224,14 @@ def _to_array(image: Any, channel_order: str) -> tuple[np.ndarray, str, str]:
     raise InvalidInputError(f"got {describe(image)}; {EXPECTED}")
 
 
-def _tensor_to_array(tensor: torch.Tensor, channel_order: str) -> tuple[np.ndarray, str, str]:
+def _tensor_to_array(tensor: torch.Tensor, channel_order: str, max_pixels: int) -> tuple[np.ndarray, str, str]:
     """A (C, H, W) / (1, C, H, W) / (H, W) tensor -> an (H, W, C) numpy view on the CPU."""
     what = describe(tensor)
+    if tensor.is_nested or tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized:
+        raise InvalidInputError(
+            f"got {what}; images must be dense tensors with data (not nested, sparse, meta or quantized): "
+            "convert with t.to_dense() / t.dequantize(), or pass one image of a nested tensor at a time"
+        )
     t = tensor.detach()
     if t.dtype == torch.bool:
         raise InvalidInputError(
@@ -259,6 +264,7 @@ def _tensor_to_array(tensor: torch.Tensor, channel_order: str) -> tuple[np.ndarr
         )
     if t.numel() == 0:
         raise InvalidInputError(f"got {what}; the image is empty (a zero-sized axis)")
+    check_pixels((int(t.shape[1]), int(t.shape[2])), max_pixels, what)  # before the copy to the CPU
 
     t = t.cpu()
     if t.is_floating_point() and t.dtype != torch.float64:
@@ -280,11 +286,7 @@ def _prepare_array(
     cv2 = import_cv2()
     given = arr  # may be (a view of) the caller's data: read it, never write it or hand it back
     height, width = int(arr.shape[0]), int(arr.shape[1])
-    if height * width > max_pixels:
-        raise InvalidInputError(
-            f"got {what}: {height}x{width} = {height * width} pixels is more than max_pixels = "
-            f"{max_pixels}; downscale the image or raise the max_pixels runtime option"
-        )
+    check_pixels((height, width), max_pixels, what)
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))  # OpenCV reads native byte order only
 

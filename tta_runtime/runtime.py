@@ -5,7 +5,8 @@ image(s) -> prepare (validate, RGB, resize to the card's size) -> model forward 
 the image's own size (segmenters) or class probabilities (classifiers) -> `Result` (one per image).
 
 The model kind comes from the card: a slot segmenter adapts per image (a batch is adapted image by
-image); a classifier adapts on the whole batch at once (batch statistics, Tent at batch 64).
+image); a classifier adapts on the whole batch at once (batch statistics, Tent at batch 64). Batches of any
+length run in chunks (`PREDICT_CHUNK`, `CLASSIFIER_ADAPT_CHUNK`): working memory does not grow with the batch.
 
 Thread safety: a `Runtime` owns one model; every call takes the runtime's lock for its whole duration,
 so concurrent calls run one after another and each sees exactly the state it would see alone (in
@@ -25,9 +26,9 @@ from typing import Any
 
 import torch
 
-from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback
+from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback, check_step_callback
 from tta_runtime.adapt.reset import ContinualPolicy
-from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, validate, with_overrides
+from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, check_keywords, keywords_of, validate, with_overrides
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
@@ -41,6 +42,15 @@ from tta_runtime.result import Result
 from tta_runtime.models.build import build_model
 
 log = logging.getLogger(__name__)
+
+PREDICT_CHUNK = 32
+"""Images per forward pass (predict, the OOD gate, per-image adaptation): working memory does not grow with the batch."""
+CLASSIFIER_ADAPT_CHUNK = 256
+"""A classifier's adaptation batch (batch statistics): a longer batch is adapted as consecutive chunks of this many
+(episodic: each from the loaded weights; continual: each from the state the last one left)."""
+_REENTRANT = ("{what} from inside an on_step callback: the runtime is in the middle of adapting (its weights are "
+              "the loop's); re-entrant adaptation and resets are refused and the call's weights are restored. "
+              "Call predict() inside on_step, or {what} after adapt_and_predict returns")
 
 _RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
@@ -71,12 +81,14 @@ class Runtime:
         self.folder = folder
         self.device = resolve_device(self.options.device)
         self.model = model.to(self.device).eval()
+        _refuse_non_finite({**self.model.state_dict(), **(optimizer_state or {}), **(fisher or {})}, folder or card.name)
         recipe = recipe or load_recipe(self.options.recipe)
         if self.options.mode is not None:
             recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
+        self._adapting = False  # inside the adaptation loop (under the lock): adapt_and_predict / reset refused
         # Continual adaptation has moved the weights away from the loaded ones, which the OOD calibration (and the
         # card's recon statistics) describe: scores then come from a pass with the loaded weights.
         self._weights_moved = False
@@ -116,7 +128,8 @@ class Runtime:
         if options.prune is not None:
             model, state = load_pruned(folder, card, options.prune)
         else:
-            model, state = build_model(card), load_weights(folder, card)
+            state = load_weights(folder, card)  # sha256 and finiteness checked before anything is built
+            model = build_model(card)
         if card.external is not None:
             from tta_runtime.models.encoders import load_into
 
@@ -178,8 +191,8 @@ class Runtime:
     # -- requests ----------------------------------------------------------------------------------
     def predict(self, image: Any, *, channel_order: str = "rgb") -> Result | list[Result]:
         """Predict without adapting: one Result for one image, a list for a batch (see `split_batch`:
-        numpy (N, H, W, C), torch (N, C, H, W) with N > 1, a list of images; classifiers also take gray
-        numpy (N, H, W)). See `Result` for shapes and ranges."""
+        numpy (N, H, W, C) (gray: (N, H, W, 1)), torch (N, C, H, W) with N > 1, a list of images), run in
+        chunks of `PREDICT_CHUNK`. See `Result` for shapes and ranges."""
         items, is_batch = self._items(image)
         t0 = time.perf_counter()
         prepared = self._prepare(items, channel_order)
@@ -199,9 +212,14 @@ class Runtime:
         with "when_ood", inputs the calibrated OOD scorer calls in-distribution take the predict path
         and their report says why no step ran. In episodic mode (default) the model's parameters and
         buffers are bit-exact afterwards; in continual mode the adapted state carries over to the next
-        call until `reset()`.
+        call until `reset()`. A per-call `mode="continual"` on an episodic runtime carries its weights
+        only to the next per-call continual calls (a stream): the runtime's own episodic calls and predict
+        start from the loaded weights again. `on_step(step, output)` may call `predict`, not
+        `adapt_and_predict` or `reset` (`ConfigError`).
         """
-        gate = self._gate(adapt)
+        if on_step is not None and not callable(on_step):
+            raise ConfigError(f"on_step must be a callable on_step(step, output) or None, got {type(on_step).__name__} {on_step!r}")
+        on_step, gate = check_step_callback(on_step), self._gate(adapt)
         recipe = self._recipe_for(overrides)
         items, is_batch = self._items(image)
         t0 = time.perf_counter()
@@ -220,27 +238,49 @@ class Runtime:
         self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig | None, on_step: StepCallback | None,
         t_prep: float,
     ) -> list[Result]:
-        """The one pipeline: frozen pass + OOD scores -> gate -> adapt the chosen inputs -> Results.
+        """`_request_chunk` over `prepared` in chunks (`PREDICT_CHUNK`; a classifier's adaptation batch:
+        `CLASSIFIER_ADAPT_CHUNK`), all under the lock: no other call runs between the chunks of this one."""
+        size = CLASSIFIER_ADAPT_CHUNK if recipe is not None and self.task == "classification" else PREDICT_CHUNK
+        results: list[Result] = []
+        with self._lock:
+            if recipe is not None and self._adapting:
+                raise ConfigError(_REENTRANT.format(what="adapt_and_predict"))
+            stream = self._adapting or self.recipe.mode == "continual" or (recipe is not None and recipe.mode == "continual")
+            if self._weights_moved and not stream:  # a per-call continual stream ended: back to the loaded weights
+                self._reset()
+            for start in range(0, len(prepared), size):
+                part = prepared[start : start + size]
+                results += self._request_chunk(part, gate, recipe, on_step, t_prep * len(part) / len(prepared))
+        return results
+
+    def _request_chunk(
+        self, prepared: list[PreparedImage], gate: str, recipe: AdaptConfig | None, on_step: StepCallback | None,
+        t_prep: float,
+    ) -> list[Result]:
+        """The one pipeline (under the lock): frozen pass + OOD scores -> gate -> adapt the chosen inputs -> Results.
 
         `recipe` None means predict. A segmenter's group timings are shared out per image; a classifier's
         batch is one forward and one adaptation, and each of its Results carries the batch's timings."""
         x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
         n = len(prepared)
-        with self._lock:
-            t1 = time.perf_counter()
-            out, scores = self._frozen_path(x)
-            t_fwd = time.perf_counter() - t1
-            pruning = self._last_pruning
-            reasons = [self._skip_reason(gate, sc) for sc in scores]
-            chosen = [i for i, r in enumerate(reasons) if r is None]
-            reports: list[AdaptationReport | None] = [None] * n
-            batch_report = None
-            if recipe is not None and chosen:
+        t1 = time.perf_counter()
+        out, scores = self._frozen_path(x)
+        t_fwd = time.perf_counter() - t1
+        pruning = self._last_pruning
+        reasons = [self._skip_reason(gate, sc) for sc in scores]
+        chosen = [i for i, r in enumerate(reasons) if r is None]
+        reports: list[AdaptationReport | None] = [None] * n
+        batch_report = None
+        if recipe is not None and chosen:
+            self._adapting = True
+            try:
                 adapted, chosen_reports = self._adapt(x[chosen], recipe, on_step)
-                out = merge_rows(out, adapted, chosen)
-                for j, i in enumerate(chosen):
-                    reports[i] = chosen_reports[j]
-                batch_report = chosen_reports[0]
+            finally:
+                self._adapting = False
+            out = merge_rows(out, adapted, chosen)
+            for j, i in enumerate(chosen):
+                reports[i] = chosen_reports[j]
+            batch_report = chosen_reports[0]
         if recipe is not None:
             reports = [r or self._skipped_report(recipe, reasons[i] or "", x) for i, r in enumerate(reports)]
         share = n if self.task == "segmentation" else 1
@@ -295,11 +335,12 @@ class Runtime:
         """Export the frozen path with the model's current weights (adapted ones after continual adaptation).
 
         `format` "onnx" | "tensorrt"; `part` "encoder" | "predictor" | "predictor_ood"; `options`: half,
-        dynamic, opset, batch, device, workspace (see `tta_runtime.export.export`). Returns an
+        dynamic, opset, batch, device, workspace (see `tta_runtime.deploy.export`). Returns an
         `ExportResult` (paths, manifest with the tolerances met).
         """
         from tta_runtime.deploy import export
 
+        check_keywords(options, [k for k in keywords_of(export, skip=4) if k not in ("part", "calibration")], "export()")
         with self._lock:
             return export(self.model, self.card, format, path, part=part, calibration=self.calibration, **options)
 
@@ -310,11 +351,17 @@ class Runtime:
         return stream(self, source, **options)
 
     def reset(self) -> None:
-        """Back to the loaded weights (continual mode); a no-op in effect for episodic use."""
+        """Back to the loaded weights (continual mode); a no-op in effect for episodic use. Refused
+        (`ConfigError`) from inside an on_step callback."""
         with self._lock:
-            self._adapter.reset()
-            self._policy.clear()
-            self._weights_moved = False
+            if self._adapting:
+                raise ConfigError(_REENTRANT.format(what="reset()"))
+            self._reset()
+
+    def _reset(self) -> None:
+        self._adapter.reset()
+        self._policy.clear()
+        self._weights_moved = False
 
     def _count_adapted(self, report: AdaptationReport, n: int, labels: list[int] | None = None) -> None:
         """Continual mode's reset policy (`adapt.reset.ContinualPolicy`) after `n` adapted inputs."""
@@ -328,9 +375,7 @@ class Runtime:
         why = self._policy.update(n, labels)
         if why is not None:
             log.info("continual reset (%s)", why)
-            self._adapter.reset()
-            self._policy.clear()
-            self._weights_moved = False
+            self._reset()
             report.reset = True
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -413,7 +458,7 @@ class Runtime:
         return out, ood_scores(feats, self.calibration, self.card)
 
     def _items(self, image: Any) -> tuple[list[Any], bool]:
-        batch = split_batch(image, gray_batches=self.task == "classification")
+        batch = split_batch(image)
         return (batch, True) if batch is not None else ([image], False)
 
     def _prepare(self, items: list[Any], channel_order: str) -> list[PreparedImage]:
@@ -441,3 +486,12 @@ class Runtime:
             recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
             steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
         )
+
+
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: object) -> None:
+    """`ModelLoadError` when a loaded float tensor (weights, buffers, optimizer moments, Fisher) holds NaN or
+    Inf: such a model answers every input with NaN masks or probabilities, whatever its card's sha256 says."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelLoadError(f"the model in {where} has NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
+                             "weights are corrupt or diverged; re-download the model, or re-export it from a finite checkpoint")

@@ -17,6 +17,7 @@ from types import ModuleType
 import numpy as np
 
 from tta_runtime.device import import_cv2
+from tta_runtime.files import atomic_write
 
 # 12 hand-picked colours that stay apart from each other and from white (outlines) and black (background);
 # after these, hues step by the golden ratio so that consecutive slots are far apart on the colour wheel.
@@ -141,11 +142,9 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> pathlib.Path:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"OpenCV could not encode a PNG for {str(target)!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Writing the encoded bytes ourselves (rather than cv2.imwrite) gives a real OSError with the
-    # reason on failure, and works for non-ASCII paths on every platform.
-    target.write_bytes(encoded.tobytes())
-    return target
+    # Writing the encoded bytes ourselves (rather than cv2.imwrite) gives a clear error with the reason on
+    # failure, works for non-ASCII paths on every platform, and never writes into a special file.
+    return atomic_write(target, encoded.tobytes(), "PNG file")
 
 
 def loss_curve(

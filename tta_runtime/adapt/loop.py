@@ -63,6 +63,22 @@ class AdaptationReport:
         return asdict(self)
 
 
+def check_step_callback(on_step: Any) -> StepCallback | None:
+    """`on_step` as given when it is None or callable; else `ConfigError` (before anything runs)."""
+    if on_step is not None and not callable(on_step):
+        raise ConfigError(f"on_step must be a callable on_step(step, output) or None, got {type(on_step).__name__} {on_step!r:.60}")
+    return on_step
+
+
+def check_recipe_fits(cfg: AdaptConfig, task: str) -> None:
+    """`ConfigError` for a recipe this kind of model cannot run (SAM's second pass needs a classifier method)."""
+    if cfg.optimizer == "sam" and task == "segmentation":
+        raise ConfigError(
+            f"recipe {cfg.name!r}: optimizer='sam' (sharpness-aware, SAR's) adapts classifiers only; a slot segmenter's "
+            "recipe takes optimizer='adam' or 'sgd'"
+        )
+
+
 def select_parameters(model: nn.Module, spec: str) -> dict[str, nn.Parameter]:
     """Parameters named by a recipe's `params` ('all', 'norm', 'no_encoder', 'decoder', 're:<regex>')."""
     named = dict(model.named_parameters())
@@ -120,6 +136,7 @@ class Adapter:
     ) -> None:
         self.model = model
         self.task = "segmentation" if isinstance(model, SlotSegmenter) else "classification"
+        check_recipe_fits(cfg, self.task)
         self.training_optimizer_state = training_optimizer_state
         self.cfg = cfg
         self.recipe_name = recipe_name or cfg.name
@@ -191,6 +208,8 @@ class Adapter:
         graph) and the report.
         """
         cfg = cfg or self.cfg
+        check_step_callback(on_step)
+        check_recipe_fits(cfg, self.task)
         method = self._method(cfg.method)
         model = self.model
         chosen = select_parameters(model, cfg.params)

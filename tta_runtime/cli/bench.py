@@ -14,6 +14,7 @@ from typing import Any
 
 from tta_runtime.cli.common import (
     busy,
+    check_range,
     command_line,
     csv,
     echo,
@@ -37,6 +38,7 @@ def add_gate(p: argparse.ArgumentParser) -> None:
 def _gate(args: argparse.Namespace) -> int:
     from tta_runtime.evaluation.bench_gate import bench_gate
 
+    check_range(args.n_images, "--n-images", 1, 100_000)
     report = bench_gate(
         args.model, n_images=args.n_images, shifts=args.shifts.split(","), recipe=args.recipe, steps=args.steps,
         progress=progress(args), scorer=args.scorer,
@@ -91,7 +93,11 @@ def _adapt(args: argparse.Namespace) -> int:
     from tta_runtime.data.scenes import OOD_SPLITS
     from tta_runtime.evaluation.bench_adapt import bench_adapt
 
-    batch_sizes = numbers(args.batch_sizes, "--batch-sizes", int)
+    check_range(args.n_images, "--n-images", 1, 100_000)
+    check_range(args.timing_size, "--timing-size", 8, 512)
+    check_range(args.timing_slots, "--timing-slots", 2, 64)
+    check_range(args.timing_images, "--timing-images", 1, 10_000)
+    batch_sizes = numbers(args.batch_sizes, "--batch-sizes", int, 1, 4096)
     command = command_line(args)
     to_file = args.json is not None and args.json != "-"
 
@@ -168,11 +174,16 @@ def add_tta(p: argparse.ArgumentParser) -> None:
 def _tta(args: argparse.Namespace) -> int:
     from tta_runtime.evaluation.bench_tta import bench_tta
 
+    check_range(args.n_images, "--n-images", 1, 10**7)
+    check_range(args.continual_images, "--continual-images", 0, 10**7)
+    check_range(args.reset_every, "--reset-every", 0, 10**9)
+    check_range(args.collapse_window, "--collapse-window", 0, 100_000)
     with tempfile.TemporaryDirectory() as tmp:  # bench_tta writes its JSON (and plots beside it) itself
         path = Path(tmp) / "bench_tta.json" if args.json in (None, "-") else Path(args.json)
         report = bench_tta(
             path, model=args.model, methods=csv(args.methods), corruptions=csv(args.corruptions) or None,
-            severities=numbers(args.severities, "--severities", int), batch_sizes=numbers(args.batch_sizes, "--batch-sizes", int),
+            severities=numbers(args.severities, "--severities", int, 1, 5),
+            batch_sizes=numbers(args.batch_sizes, "--batch-sizes", int, 1, 4096),
             n_images=args.n_images, continual_methods=csv(args.continual_methods), continual_images=args.continual_images,
             reset_every=args.reset_every or None, collapse_window=args.collapse_window or None,
             command=command_line(args), progress=progress(args),
@@ -222,11 +233,17 @@ def add_prune(p: argparse.ArgumentParser) -> None:
 def _prune(args: argparse.Namespace) -> int:
     from tta_runtime.evaluation.bench_prune import bench_prune, plot_prune
 
+    check_range(args.epochs, "--epochs", 1, 10_000)
+    check_range(args.static_quantile, "--static-quantile", 0, 1)
+    check_range(args.calls, "--calls", 1, 10**6)
+    check_range(args.adapt_images, "--adapt-images", 1, 10**6)
+    if args.save_variant is not None:
+        check_range(args.save_variant, "--save-variant", 1e-6, 1)
     set_threads(args.threads)
     with busy(args, "bench prune") as note:  # bench_prune reports stages as messages: shown in one bar
         report = bench_prune(
-            args.model, rs=numbers(args.rs, "--rs"), epochs=args.epochs, static_quantile=args.static_quantile,
-            bucket_quantiles=numbers(args.bucket_quantiles, "--bucket-quantiles"), calls=args.calls,
+            args.model, rs=numbers(args.rs, "--rs", float, 1e-6, 1), epochs=args.epochs, static_quantile=args.static_quantile,
+            bucket_quantiles=numbers(args.bucket_quantiles, "--bucket-quantiles", float, 0, 1), calls=args.calls,
             threads=args.threads, onnx=not args.no_onnx, save_variant=args.save_variant, adapt_images=args.adapt_images,
             command=command_line(args), progress=note,
         )
@@ -270,6 +287,8 @@ def add_stream(p: argparse.ArgumentParser) -> None:
 def _stream(args: argparse.Namespace) -> int:
     from tta_runtime.evaluation.bench_stream import bench_stream
 
+    check_range(args.warmup, "--warmup", 0, 10**7)
+    check_range(args.frames, "--frames", 1, 10**7)
     report = bench_stream(
         args.model, frames=args.frames, steps_per_frame=args.steps_per_frame, size=args.size, recipe=args.recipe,
         warmup=args.warmup, progress=progress(args), restore_prob=args.restore_prob,
@@ -301,7 +320,7 @@ def _backends(args: argparse.Namespace) -> int:
 
     with busy(args, "bench backends"):
         report = bench_backends(
-            args.model, part=args.part, batches=tuple(numbers(args.batches, "--batches", int)), repeats=args.repeats,
+            args.model, part=args.part, batches=tuple(numbers(args.batches, "--batches", int, 1, 1024)), repeats=args.repeats,
             warmup=args.warmup, threads=args.threads,
         )
     report["command"] = command_line(args)

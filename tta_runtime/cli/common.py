@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Optional packages and the extra that installs each (pyproject.toml's [project.optional-dependencies]).
 EXTRAS = {
@@ -42,6 +43,13 @@ class Command:
     json: bool = False
     long: bool = False
     extra: str | None = None
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (and exit status 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -106,8 +114,10 @@ def echo(args: argparse.Namespace, *lines: str) -> None:
 
 
 def fail(message: str) -> int:
-    """One error line on stderr; the exit status of a usage error."""
-    print(f"error: {message}", file=sys.stderr)
+    """One error line on stderr (a message of several lines is joined with '; '); the exit status of a usage error."""
+    parts = [line.strip().removeprefix("- ") for line in str(message).splitlines()]
+    text = "; ".join(p for p in parts if p).replace(":;", ":")
+    print(f"error: {text or 'failed'}", file=sys.stderr)
     return 2
 
 
@@ -130,6 +140,38 @@ def write_json(args: argparse.Namespace, report: Any, *, say: bool = True) -> Pa
     if say:
         echo(args, f"wrote {out}")
     return out
+
+
+def read_json(path: str, flag: str) -> Any:
+    """A JSON file named by an option, or a `ConfigError` naming the flag (missing, special, not UTF-8, not JSON)."""
+    from tta_runtime.errors import ConfigError
+
+    target = Path(path)
+    if not target.is_file():
+        raise ConfigError(f"{flag} {path!r} is not a readable regular file; give a JSON report written by --json")
+    try:
+        return json.loads(target.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{flag} {path!r} is not a JSON file ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def output_path(value: str | None, flag: str, suffixes: tuple[str, ...] = ()) -> str | None:
+    """`value` (None passes) as an output file a command may write: a regular file or a new one, ending in one
+    of `suffixes` when given; else a `ConfigError` naming the flag. Checked before any work starts."""
+    from tta_runtime.errors import ConfigError
+
+    if value is None or value == "-" and flag == "--json":
+        return value
+    target = Path(value)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} writes {'/'.join(s.lstrip('.') for s in suffixes)} files: give a path ending in "
+                          f"{' or '.join(suffixes)}; got {value!r} (extension {target.suffix or 'none'!r})")
+    if not value.strip() or value.endswith(("/", os.sep)):
+        raise ConfigError(f"{flag} needs a file path, got {value!r}")
+    if target.exists() and not target.is_file() or target.is_symlink() and not target.exists():
+        raise ConfigError(f"{flag} {value!r} exists and is not a regular file (a directory, device, FIFO or dangling "
+                          "link); give a new or regular file path")
+    return value
 
 
 def step_bar(args: argparse.Namespace, total: int, desc: str) -> Callable[[int, Any], None] | None:
@@ -185,12 +227,37 @@ def csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def numbers(value: str, flag: str, kind: type = float) -> list[Any]:
-    """A comma-separated list of numbers, or a `ConfigError` naming the flag."""
+def numbers(value: str, flag: str, kind: type = float, lo: float | None = None, hi: float | None = None) -> list[Any]:
+    """A comma-separated list of finite numbers within [lo, hi] (when given), or a `ConfigError` naming the flag."""
+    import math
+
     from tta_runtime.errors import ConfigError
 
+    example = "0.6,0.7" if kind is float else "1,8"
     try:
-        return [kind(v) for v in csv(value)]
+        out = [kind(v) for v in csv(value)]
     except ValueError:
-        example = "0.6,0.7" if kind is float else "1,8"
         raise ConfigError(f"{flag} must be comma-separated {kind.__name__}s, e.g. {example}; got {value!r}") from None
+    bad = [v for v in out if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi)]
+    if bad:
+        within = f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None else ""
+        raise ConfigError(f"{flag} must be finite {kind.__name__}s{within}, e.g. {example}; got {value!r}")
+    return out
+
+
+def check_range(value: Any, flag: str, lo: float | None = None, hi: float | None = None) -> Any:
+    """`value` (None passes) when it lies in [lo, hi] and is finite; else a `ConfigError` naming the flag."""
+    import math
+
+    from tta_runtime.errors import ConfigError
+
+    def num(x: float) -> str:
+        return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+    if value is None:
+        return value
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        within = (f"from {num(lo)} to {num(hi)}" if lo is not None and hi is not None
+                  else f">= {num(lo)}" if lo is not None else f"<= {num(hi)}")
+        raise ConfigError(f"{flag} must be {within}; got {value!r}")
+    return value

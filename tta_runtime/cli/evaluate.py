@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from tta_runtime.cli.common import busy, command_line, echo, fail, progress, write_json
+from tta_runtime.cli.common import busy, check_range, command_line, echo, fail, progress, read_json, write_json
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,9 @@ def _eval(args: argparse.Namespace) -> int:
     from tta_runtime.data.scenes import SPLITS
     from tta_runtime.evaluation.segmentation import TEST_SEED, evaluate, strip_timing
 
-    expected = json.loads(Path(args.check).read_text()) if args.check else None  # before --json may overwrite it
+    check_range(args.n_images, "--n-images", 1, 100_000)
+    check_range(args.jobs, "--jobs", 1, 256)
+    expected = read_json(args.check, "--check") if args.check else None  # before --json may overwrite it
     rt = Runtime.from_pretrained(args.model, device=args.device)
     splits = args.splits.split(",") if args.splits else list(SPLITS)
     feedforward = None
@@ -87,9 +88,13 @@ def add_ood_fit(p: argparse.ArgumentParser) -> None:
 
 def _ood_fit(args: argparse.Namespace) -> int:
     from tta_runtime import Runtime
+    from tta_runtime.errors import ConfigError
     from tta_runtime.hub import find_model
     from tta_runtime.ood import save_calibration
 
+    check_range(args.n_images, "--n-images", 2, 100_000)
+    if not 0 < args.tpr < 1:
+        raise ConfigError(f"--tpr must be in (0, 1) (the share of in-distribution inputs kept below the threshold); got {args.tpr}")
     folder = find_model(args.model)
     rt = Runtime.from_pretrained(folder, load_calibration=False)  # an old calibration may be stale: refit it
     if rt.task == "classification":
@@ -120,6 +125,7 @@ def _ood_eval(args: argparse.Namespace) -> int:
     from tta_runtime import Runtime
     from tta_runtime.ood import load_calibration
 
+    check_range(args.n_images, "--n-images", 1, 100_000)
     rt = Runtime.from_pretrained(args.model)
     cals = load_calibration(rt.folder)  # type: ignore[arg-type]
     if rt.task == "classification":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tta_runtime.cli.common import busy, command_line, echo, write_json
+from tta_runtime.cli.common import busy, command_line, echo, output_path, write_json
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -13,12 +13,13 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", default="predictor", help="encoder | predictor | predictor_ood")
     p.add_argument("--out", default=None, help="output file (default <model>-<part>.onnx); the manifest goes to OUT.json")
     p.add_argument("--half", action="store_true", help="float16 graph")
-    p.add_argument("--dynamic", default=None, help="dynamic axes, e.g. 'batch=1:16' or 'batch=1:16,size=16:128'")
+    p.add_argument("--dynamic", default=None,
+                   help="dynamic axes, e.g. 'batch=1:16' or 'batch=1:16,size=16:128' (batch <= 1024, size <= 4096)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace in GiB")
-    p.add_argument("--n-verify", type=int, default=20, help="random images in the parity check")
+    p.add_argument("--n-verify", type=int, default=20, help="random images in the parity check (1..1000)")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=_export)
 
@@ -27,8 +28,12 @@ def _export(args: argparse.Namespace) -> int:
     import json
 
     from tta_runtime.deploy import export
+    from tta_runtime.deploy.options import check_n_verify, parse_dynamic
     from tta_runtime.runtime import Runtime
 
+    check_n_verify(args.n_verify)  # the request's limits, before loading anything
+    output_path(args.out, "--out")
+    parse_dynamic(args.dynamic)
     rt = Runtime.from_pretrained(args.model, device=args.device)
     with busy(args, f"export {args.format}"):
         res = export(

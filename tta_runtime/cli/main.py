@@ -12,7 +12,9 @@
 
 Every command takes -v/--verbose and -q/--quiet (before or after its name); those with a JSON result take
 `--json PATH` (write) or `--json -` (print); long ones show one progress bar and take `--no-progress`.
-Errors are one line on stderr and exit status 2; a missing optional extra names the extra to install.
+Errors are one line on stderr and exit status 2 (usage errors, bad values, unreadable files, our own typed
+errors); a missing optional extra names the extra to install. Anything else is a bug: its traceback is shown,
+after a line asking to report it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from tta_runtime.cli import bench, evaluate, export, models, train, video
 from tta_runtime.cli.common import (
     EXTRAS,
     Command,
+    Parser,
     add_command,
     common_options,
     configure_logging,
     fail,
+    output_path,
 )
 from tta_runtime.errors import TTARuntimeError
 
@@ -76,7 +80,7 @@ _GROUP_FLAGS = {"--help", "--verbose", "--quiet"}
 
 def build_parser() -> argparse.ArgumentParser:
     options = common_options()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="tta-runtime", description="Test-time adaptation runtime for slot-centric segmenters.", parents=[options]
     )
     top = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     configure_logging(args)
     try:
+        output_path(getattr(args, "json", None), "--json")  # before the work, not after it
         return int(args.func(args))
     except TTARuntimeError as e:  # our own errors already say what to do (a missing extra: which one)
         return fail(str(e))
@@ -125,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"pip install 'tta-runtime[{extra}]'")
     except (OSError, json.JSONDecodeError) as e:  # a file argument that cannot be read or parsed
         return fail(str(e))
+    except Exception as e:
+        from pydantic import ValidationError
+
+        from tta_runtime.config import format_validation_error
+
+        if isinstance(e, ValidationError):  # options validated by a config model built directly
+            return fail(format_validation_error(e, f"`{args.command_path}` options"))
+        print(f"error: `tta-runtime {args.command_path}` failed unexpectedly ({type(e).__name__}); this is a bug, "
+              "please report it with the command line and the traceback below", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

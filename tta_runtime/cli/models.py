@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tta_runtime.cli.common import echo, quiet, step_bar, write_json
+from tta_runtime.cli.common import echo, output_path, quiet, step_bar, write_json
 
 
 def _fmt_seconds(s: float) -> str:
@@ -28,9 +28,11 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tta_runtime import Runtime
+    from tta_runtime.errors import ConfigError
     from tta_runtime.hub import sample_image_path
     from tta_runtime.visual import loss_curve, mask_grid, save_png
 
+    output_path(str(Path(args.out) / "overlay.png"), "--out")
     image = args.image or sample_image_path()
     overrides: dict[str, Any] = {"device": args.device}
     if args.recipe:
@@ -38,6 +40,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["steps"] = args.steps
     rt = Runtime.from_pretrained(args.model, **overrides)
+    if rt.task != "segmentation":
+        raise ConfigError(f"the demo shows a slot segmenter's masks before and after adaptation; {rt.name!r} is a "
+                          f"{rt.task} model: give --model slot-shapes-32 (or another segmenter), or use "
+                          f"`tta-runtime predict IMAGE --model {rt.name} --adapt`")
     echo(
         args,
         f"model   {rt.name}  ({rt.card.segmenter.num_slots} slots, {rt.input_size}x{rt.input_size} input, device {rt.device})",
@@ -148,6 +154,7 @@ def _predict(args: argparse.Namespace) -> int:
     from tta_runtime import Runtime
     from tta_runtime.visual import save_png
 
+    output_path(args.overlay, "--overlay", (".png",))
     rt = Runtime.from_pretrained(args.model, device=args.device, **({"recipe": args.recipe} if args.recipe else {}))
     res = rt.adapt_and_predict(args.image) if args.adapt else rt.predict(args.image)
     if args.json is None:  # the result is printed unless it goes to a file

@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tta_runtime.cli.common import busy, command_line, echo, numbers, progress
+from tta_runtime.cli.common import (
+    busy,
+    check_range,
+    command_line,
+    echo,
+    numbers,
+    progress,
+)
 
 
 def add_segmenter(p: argparse.ArgumentParser) -> None:
@@ -77,13 +84,14 @@ def add_unet(p: argparse.ArgumentParser) -> None:
 
 
 def _unet(args: argparse.Namespace) -> int:
+    from tta_runtime.config import validate
     from tta_runtime.training import (
         FeedForwardTrainConfig,
         save_feedforward,
         train_feedforward,
     )
 
-    cfg = FeedForwardTrainConfig(steps=args.steps)
+    cfg = validate(FeedForwardTrainConfig, {"steps": args.steps}, "train unet options")
     model = train_feedforward(cfg, Path(args.run_dir), progress=progress(args))
     save_feedforward(model, cfg, args.out, command=command_line(args), run_dir=args.run_dir)
     echo(args, f"wrote baseline folder {args.out}")
@@ -157,6 +165,8 @@ def _ftwt(args: argparse.Namespace) -> int:
 
     if not 0 < args.r <= 1:
         raise ConfigError(f"--r must be in (0, 1] (the kept share of activation-peak mass); got {args.r}")
+    check_range(args.static_quantile, "--static-quantile", 0, 1)
+    check_range(args.epochs, "--epochs", 1, 10_000)
     set_threads(args.threads)
     with busy(args, "train ftwt"):
         _, info = prune_train(

@@ -9,7 +9,18 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from tta_runtime.cli.common import command_line, echo, fail, progress, write_json
+from tta_runtime.cli.common import (
+    command_line,
+    echo,
+    fail,
+    output_path,
+    progress,
+    write_json,
+)
+from tta_runtime.errors import ConfigError
+
+_VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")  # what the annotated-video writer (fourcc mp4v) writes
+_MAX_GENERATED_FRAMES = 100_000
 
 if TYPE_CHECKING:
     from tta_runtime.runtime import Runtime
@@ -152,19 +163,19 @@ def _source(args: argparse.Namespace) -> tuple[str | None, str | None, Any, int]
 def _stream(args: argparse.Namespace) -> int:
     import platform
 
-    import numpy as np
     import torch
 
     from tta_runtime.runtime import Runtime
 
+    for value, flag, suffixes in ((args.frame_png, "--frame-png", (".png",)), (args.out, "--out", _VIDEO_SUFFIXES),
+                                  (args.generate, "--generate", (".mp4",))):
+        output_path(value, flag, suffixes)
+    if args.generate and args.frames > _MAX_GENERATED_FRAMES:
+        raise ConfigError(f"--frames must be at most {_MAX_GENERATED_FRAMES:,} for a generated video; got {args.frames}")
     source, truth, generated, status = _source(args)
     if status or args.generate_only:
         return status
-    shift_at = n_truth = None
-    if truth is not None and str(truth).endswith(".npz"):
-        with np.load(truth) as data:
-            shift_at = int(data["shift_at"]) if "shift_at" in data else None
-            n_truth = len(data["instances"]) if "instances" in data else None
+    shift_at, n_truth = _truth_info(truth) if truth is not None else (None, None)
     frame_index = args.frame_index
     if args.frame_png and frame_index is None:
         frame_index = (shift_at + 3 * (n_truth - shift_at) // 4) if shift_at is not None and n_truth else 0
@@ -220,6 +231,27 @@ def _stream(args: argparse.Namespace) -> int:
         )
     write_json(args, report)
     return 0
+
+
+def _truth_info(truth: str) -> tuple[int | None, int | None]:
+    """The shift frame and the frame count of a ground-truth .npz (what --generate writes), checked."""
+    import numpy as np
+
+    from tta_runtime.errors import InvalidInputError
+    from tta_runtime.video import load_ground_truth
+
+    load_ground_truth(truth)  # a missing, special, pickled or malformed file fails here, with what it expects
+    if not str(truth).endswith(".npz"):
+        return None, None
+    with np.load(truth, allow_pickle=False) as data:
+        n_truth = len(data["instances"])
+        if "shift_at" not in data:
+            return None, n_truth
+        shift = data["shift_at"]
+        if shift.shape != () or shift.dtype.kind not in "iu" or not 0 <= int(shift) <= n_truth:
+            raise InvalidInputError(f"ground truth {truth!r}: 'shift_at' must be one frame index in 0..{n_truth}, "
+                                    f"got {shift.dtype} of shape {shift.shape}")
+        return int(shift), n_truth
 
 
 def _add_margin(report: dict[str, Any], adapt: str, never: dict[str, Any]) -> None:

@@ -41,18 +41,32 @@ from torch import nn
 from tta_runtime.config import ModelCard, validate
 from tta_runtime.deploy.engine_plan import TensorRTConfig
 from tta_runtime.deploy.graph import (
-    MANIFEST_FORMAT, atomic_write_bytes, drop_initializer_inputs, import_onnx, initializer_map, load_manifest,
-    manifest_path, package_versions, rename_initializers, sha256_bytes, state_names, utc_now, weights_digest,
+    MANIFEST_FORMAT,
+    MAX_GRAPH_BYTES,
+    GraphFileError,
+    atomic_write_bytes,
+    drop_initializer_inputs,
+    import_onnx,
+    initializer_map,
+    load_manifest,
+    load_proto,
+    manifest_path,
+    package_versions,
+    rename_initializers,
+    sha256_bytes,
+    state_names,
+    utc_now,
+    weights_digest,
     write_manifest,
 )
 from tta_runtime.deploy.kinds import WRAPPER_PREFIX, check_part, export_kind
 from tta_runtime.deploy.onnxruntime import import_onnxruntime
-from tta_runtime.deploy.options import (
-    TOLERANCES, DynamicShapes, ExportError, ExportOptions, ExportVerificationError, TensorSpec, parse_dynamic,
-)
+from tta_runtime.deploy.options import TOLERANCES, DynamicShapes, ExportError, ExportOptions, ExportVerificationError
+from tta_runtime.deploy.options import TensorSpec, check_n_verify, parse_dynamic
 from tta_runtime.deploy.tensorrt import build_engine, import_tensorrt
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError
+from tta_runtime.files import read_bytes, writable_path
 
 if TYPE_CHECKING:
     from tta_runtime.ood import Calibration
@@ -165,6 +179,7 @@ def _compare(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], tol: 
         if g.shape != r.shape:
             raise ExportVerificationError(f"output {name!r}: ONNX shape {g.shape} vs PyTorch {r.shape}")
         err = np.abs(g - r)
+        err = np.where(np.isnan(err), np.inf, err)  # a NaN on either side is a miss, never a 0 deviation
         allowed = tol["atol"] + tol["rtol"] * np.abs(r)
         stats[name] = {
             "max_abs": float(err.max(initial=0.0)),
@@ -306,13 +321,14 @@ def export(
             trt_cfg = trt_cfg.model_copy(update={"workspace": opts.workspace})
     elif tensorrt is not None:
         raise ConfigError("tensorrt options apply to format='tensorrt' only")
-    if n_verify < 1:
-        raise ConfigError(f"n_verify must be >= 1, got {n_verify}")
+    check_n_verify(n_verify)
 
-    out_path = Path(path) if path is not None else _default_path(card, opts)
+    out_path = writable_path(path, "export path") if path is not None else _default_path(card, opts)
     onnx_path = out_path.with_suffix(".onnx") if opts.format == "tensorrt" else out_path
     if opts.format == "tensorrt" and onnx_path == out_path:
         raise ConfigError(f"format='tensorrt' writes an ONNX file beside the engine; give the engine a suffix other than .onnx: {out_path}")
+    for target in (onnx_path, manifest_path(onnx_path)):  # refused before any work, so nothing is written
+        writable_path(target, "export path")
     stages: list[tuple[str, float, str]] = []
 
     def stage(name: str, t0: float, detail: str) -> None:
@@ -395,7 +411,10 @@ def verify(
     """
     manifest = load_manifest(onnx_path)
     opts = validate(ExportOptions, manifest["request"], f"request in {manifest_path(onnx_path)}")
-    data = Path(onnx_path).read_bytes()
+    data = read_bytes(onnx_path, "ONNX model", limit=MAX_GRAPH_BYTES, error=GraphFileError)
+    if sha256_bytes(data) != manifest["sha256"]:
+        raise GraphFileError(f"{onnx_path} does not match the sha256 in its manifest: it was changed after export; re-export it")
+    load_proto(data)  # refuses NaN / infinite initializers
     inputs = [TensorSpec.from_dict(d) for d in manifest["inputs"]]
     outputs = [TensorSpec.from_dict(d) for d in manifest["outputs"]]
     report = verify_onnx_bytes(data, model, card, opts, inputs, outputs, calibration=calibration, n_images=n_images, seed=seed)

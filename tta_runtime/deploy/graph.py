@@ -15,18 +15,21 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from tta_runtime.config import format_validation_error
 from tta_runtime.deploy.options import ExportError
 from tta_runtime.device import optional_import
+from tta_runtime.errors import ConfigError, ModelLoadError
+from tta_runtime.files import atomic_write, read_bytes, read_json
 
 if TYPE_CHECKING:
     import onnx
@@ -35,7 +38,10 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST_FORMAT",
+    "MAX_GRAPH_BYTES",
+    "GraphFileError",
     "atomic_write_bytes",
+    "check_initializers",
     "drop_initializer_inputs",
     "float_weights",
     "import_onnx",
@@ -57,6 +63,13 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = 1
+MAX_GRAPH_BYTES = 2 << 30  # protobuf's own limit on one message
+_FLOAT_TYPES = {1, 10, 11, 16}  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+class GraphFileError(ExportError, ModelLoadError):
+    """An exported graph or its manifest is missing, malformed or tampered with (an `ExportError` and a
+    `ModelLoadError`: loading it failed)."""
 
 
 def import_onnx() -> ModuleType:
@@ -65,19 +78,36 @@ def import_onnx() -> ModuleType:
 
 
 def load_proto(source: onnx.ModelProto | str | os.PathLike[str] | bytes) -> onnx.ModelProto:
-    """A ModelProto from a proto (returned as is), serialized bytes or a path; `ExportError` if it is not one."""
+    """A ModelProto from a proto (returned as is), serialized bytes or a path (a regular file);
+    `GraphFileError` if it is not one, or if a floating initializer holds NaN or infinite values."""
     onnx = import_onnx()
     if isinstance(source, onnx.ModelProto):
         return source
+    what = "<bytes>" if isinstance(source, (bytes, bytearray)) else source
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_bytes(source, "ONNX model", limit=MAX_GRAPH_BYTES, error=GraphFileError)
     try:
-        if isinstance(source, bytes):
-            return onnx.load_from_string(source)
-        return onnx.load(str(source), load_external_data=False)
-    except OSError as e:
-        raise ExportError(f"cannot read ONNX model {source}: {e}") from None
+        proto = onnx.load_from_string(data)
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
-        what = "<bytes>" if isinstance(source, bytes) else source
-        raise ExportError(f"{what} is not an ONNX model: {type(e).__name__}: {e}") from None
+        raise GraphFileError(f"{what} is not an ONNX model: {type(e).__name__}: {e}") from None
+    check_initializers(proto, str(what))
+    return proto
+
+
+def check_initializers(proto: onnx.ModelProto, where: str = "the graph") -> None:
+    """Refuse (`GraphFileError`) a graph whose embedded floating initializers hold NaN or infinite values."""
+    onnx = import_onnx()
+    for init in proto.graph.initializer:
+        if init.data_location == 1 or init.data_type not in _FLOAT_TYPES:  # external data; integer tensors
+            continue
+        try:
+            arr = onnx.numpy_helper.to_array(init)
+        except Exception as e:  # a malformed tensor proto
+            raise GraphFileError(f"initializer {init.name!r} of {where} cannot be read: {type(e).__name__}: {e}") from None
+        if not np.isfinite(arr).all():
+            raise GraphFileError(
+                f"initializer {init.name!r} of {where} holds NaN or infinite values: the file was damaged or "
+                f"tampered with; re-export it"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,15 +295,44 @@ def manifest_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".json")
 
 
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class _Weights(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tensors: dict[str, Any]
+
+
+class _Manifest(BaseModel):
+    """What the readers of a manifest rely on (everything else is kept as written)."""
+
+    model_config = ConfigDict(extra="allow")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    inputs: list[_Spec] = Field(min_length=1)
+    outputs: list[_Spec] = Field(min_length=1)
+    request: dict[str, Any]
+    precision: str
+    model_size: int
+    weights: _Weights
+    dynamic: dict[str, Annotated[list[int], Field(min_length=2, max_length=2)] | None] | None = None
+
+
 def load_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest beside an exported file (`ExportError` if it is missing or unreadable)."""
+    """The manifest beside an exported file (`GraphFileError` if it is missing, unreadable, not a JSON
+    object or lacks the keys its readers use)."""
     mp = manifest_path(path)
+    if not mp.exists() and not mp.is_symlink():
+        raise GraphFileError(f"{path} has no manifest {mp.name} beside it; export with tta_runtime.deploy.export")
+    data = read_json(mp, "manifest", error=GraphFileError, allow_nan=True)
     try:
-        return json.loads(mp.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path} has no manifest {mp.name} beside it; export with tta_runtime.deploy.export") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"cannot read manifest {mp}: {e}") from None
+        _Manifest.model_validate(data)
+    except ValidationError as e:
+        raise GraphFileError(format_validation_error(e, f"manifest {mp}") + "\n(re-export the model to rewrite it)") from None
+    return data
 
 
 def write_manifest(path: Path, manifest: Mapping[str, Any]) -> Path:
@@ -299,7 +358,7 @@ def weights_digest(state: Mapping[str, Any]) -> str:
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def tta_runtime_version() -> str | None:
@@ -329,14 +388,6 @@ def package_versions() -> dict[str, str | None]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `data` to `path` through a temporary file in the same folder: readers never see half a file.
+    Only a new path or a regular file is written (`tta_runtime.files.atomic_write`; `ConfigError` otherwise)."""
+    atomic_write(path, data, "output file", ConfigError)

@@ -23,7 +23,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tta_runtime.config import validate
-from tta_runtime.deploy.graph import load_manifest, manifest_path, sha256_bytes
+from tta_runtime.deploy.graph import (
+    MAX_GRAPH_BYTES,
+    GraphFileError,
+    check_initializers,
+    load_manifest,
+    load_proto,
+    manifest_path,
+    sha256_bytes,
+)
 from tta_runtime.deploy.options import (
     TORCH_DTYPES,
     ExportError,
@@ -35,6 +43,7 @@ from tta_runtime.deploy.options import (
 )
 from tta_runtime.device import optional_import
 from tta_runtime.errors import BackendUnavailableError, ConfigError, InvalidInputError
+from tta_runtime.files import read_bytes
 
 __all__ = [
     "GPU_PROVIDERS",
@@ -193,11 +202,10 @@ class OnnxRuntimeBackend:
             data, self.path = bytes(onnx), None
         else:
             self.path = Path(onnx)
-            if not self.path.is_file():
-                raise ConfigError(f"no such ONNX file: {self.path}")
-            data = self.path.read_bytes()
+            data = read_bytes(self.path, "ONNX model", limit=MAX_GRAPH_BYTES, error=GraphFileError)
             if manifest is None and manifest_path(self.path).is_file():
                 manifest = load_manifest(self.path)
+        check_initializers(load_proto(data), str(self.path or "the ONNX bytes"))  # no NaN/Inf weights run
         if manifest is not None and manifest.get("sha256") not in (None, sha256_bytes(data)):
             raise ExportError(
                 f"{self.path or 'the ONNX bytes'} do not match the sha256 in the manifest: the file changed after export "

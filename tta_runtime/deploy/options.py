@@ -4,6 +4,10 @@
 `TensorSpec`s are a graph's declared inputs and outputs, which the backends check every input against
 before running (`check_input`), so a wrong dtype, rank or size fails with a message, not inside a session.
 
+**Limits on work per request.** A dynamic batch range at most `MAX_DYNAMIC_BATCH`, a dynamic image size
+at most `MAX_DYNAMIC_SIZE` pixels a side (the parity check runs images at the top of each range), a static
+batch at most `MAX_DYNAMIC_BATCH`, and at most `MAX_VERIFY_IMAGES` images in the parity check (`n_verify`).
+
 **Opset.** 12 is the lowest that works: slot attention's `einsum` needs ONNX Einsum (opset 12);
 opset 11 fails in the exporter. 17 (the default) also gives LayerNormalization as one node.
 """
@@ -21,7 +25,10 @@ from tta_runtime.config import validate
 from tta_runtime.errors import ConfigError, InvalidInputError, TTARuntimeError
 
 __all__ = [
+    "MAX_DYNAMIC_BATCH",
+    "MAX_DYNAMIC_SIZE",
     "MAX_OPSET",
+    "MAX_VERIFY_IMAGES",
     "MIN_OPSET",
     "TOLERANCES",
     "TORCH_DTYPES",
@@ -31,6 +38,7 @@ __all__ = [
     "ExportVerificationError",
     "TensorSpec",
     "check_input",
+    "check_n_verify",
     "dynamic_ranges",
     "parse_dynamic",
     "resolve_shape",
@@ -47,6 +55,10 @@ MAX_OPSET = 23
 # Tolerances of the parity check, |onnx - torch| <= atol + rtol * |torch| elementwise, per precision.
 # fp16 is compared against the float32 PyTorch model, hence the wider bound.
 TOLERANCES: dict[str, dict[str, float]] = {"fp32": {"atol": 1e-4, "rtol": 1e-4}, "fp16": {"atol": 1e-2, "rtol": 1e-2}}
+# Caps on the work one export request may ask for (see the module docstring).
+MAX_DYNAMIC_BATCH = 1024
+MAX_DYNAMIC_SIZE = 4096
+MAX_VERIFY_IMAGES = 1000
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
                 "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
@@ -79,10 +91,12 @@ class DynamicShapes(BaseModel):
     None = that axis is static (B = `batch`, H = W = the card's size).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    batch: tuple[int, int] | None = Field(None, description="(min, max) batch size")
-    size: tuple[int, int] | None = Field(None, description="(min, max) image height and width; the graph resizes to S")
+    batch: tuple[int, int] | None = Field(None, description=f"(min, max) batch size, within 1..{MAX_DYNAMIC_BATCH}")
+    size: tuple[int, int] | None = Field(
+        None, description=f"(min, max) image height and width, within 1..{MAX_DYNAMIC_SIZE}; the graph resizes to S"
+    )
 
     @field_validator("batch", "size", mode="before")
     @classmethod
@@ -100,6 +114,9 @@ class DynamicShapes(BaseModel):
                 raise ValueError(f"dynamic {name} range {r}: the minimum must be >= 1")
             if lo > hi:
                 raise ValueError(f"dynamic {name} range {r} is inverted: min {lo} > max {hi}; write ({hi}, {lo})")
+            cap = MAX_DYNAMIC_BATCH if name == "batch" else MAX_DYNAMIC_SIZE
+            if hi > cap:
+                raise ValueError(f"dynamic {name} range {r}: the maximum must be <= {cap} (the cap on work per export)")
         if self.batch is None and self.size is None:
             raise ValueError("dynamic names no axis; give batch=(min, max) and/or size=(min, max), or dynamic=None")
         return self
@@ -132,16 +149,21 @@ def parse_dynamic(value: Any) -> DynamicShapes | None:
 class ExportOptions(BaseModel):
     """One export request (the arguments `export` and `tta-runtime export` share)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     format: Literal["onnx", "tensorrt"] = "onnx"
-    part: str = "predictor"
+    part: str = Field("predictor", max_length=64)
     half: bool = False
     dynamic: DynamicShapes | None = None
     opset: int = Field(17, description=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
-    batch: int = Field(1, ge=1, description="static batch size, or the optimum inside a dynamic batch range")
-    device: str = "cpu"
-    workspace: float | None = Field(None, gt=0, description="TensorRT builder workspace in GiB (format='tensorrt' only)")
+    batch: int = Field(
+        1, ge=1, le=MAX_DYNAMIC_BATCH,
+        description=f"static batch size, or the optimum inside a dynamic batch range; 1..{MAX_DYNAMIC_BATCH}",
+    )
+    device: str = Field("cpu", max_length=64)
+    workspace: float | None = Field(
+        None, gt=0, le=1024, description="TensorRT builder workspace in GiB, at most 1024 (format='tensorrt' only)"
+    )
 
     @field_validator("opset")
     @classmethod
@@ -165,6 +187,15 @@ class ExportOptions(BaseModel):
     @property
     def precision(self) -> str:
         return "fp16" if self.half else "fp32"
+
+
+def check_n_verify(n_verify: Any) -> int:
+    """`n_verify` (random images in an export's parity check) as an int in 1..`MAX_VERIFY_IMAGES`, or `ConfigError`."""
+    if isinstance(n_verify, bool) or not isinstance(n_verify, int) or not 1 <= n_verify <= MAX_VERIFY_IMAGES:
+        raise ConfigError(
+            f"n_verify must be an int from 1 to {MAX_VERIFY_IMAGES} (random images in the parity check), got {n_verify!r}"
+        )
+    return n_verify
 
 
 # --------------------------------------------------------------------------------------------------

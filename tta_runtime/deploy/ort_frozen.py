@@ -3,19 +3,25 @@
 The slot segmenter's `predictor_ood` part is exported once, in memory; adaptation keeps running in
 PyTorch, and whenever it has changed the model's weights they are written into the graph's initializers
 by name (`set_initializers`) and the session is reopened. The graph is never re-exported.
+
+Any change counts, however it was made (an optimizer step, `load_state_dict`, an edit through `.data`, which
+no version counter sees): a checksum of every weight's bytes is compared before each run. Batches of any
+length run, in chunks of the graph's batch range (`max_batch`), like the PyTorch path.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from tta_runtime.config import ModelCard, validate
 from tta_runtime.deploy.export import export_onnx_bytes, verify_onnx_bytes
-from tta_runtime.deploy.graph import load_proto, set_initializers, weights_digest
+from tta_runtime.deploy.graph import load_proto, set_initializers
 from tta_runtime.deploy.kinds import export_kind
 from tta_runtime.deploy.onnxruntime import OnnxRuntimeBackend, OrtOptions
 from tta_runtime.deploy.options import ExportError, ExportOptions
@@ -27,10 +33,14 @@ if TYPE_CHECKING:
 __all__ = ["OrtFrozenPath"]
 
 
-def _versions_of(model: nn.Module) -> tuple[int, ...]:
-    """In-place version counters of every parameter and buffer: they move whenever an optimizer step or a
-    snapshot restore writes a tensor (cheap to read; a change triggers a digest comparison)."""
-    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+def _fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """CRC-32 of each tensor's bytes (about 1 ms a megabyte): it changes with any write, including edits
+    through `.data`, which bypass the tensors' version counters."""
+    out = []
+    for t in tensors:
+        raw = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+        out.append(zlib.crc32(raw))
+    return tuple(out)
 
 
 class OrtFrozenPath:
@@ -46,7 +56,7 @@ class OrtFrozenPath:
         self, model: nn.Module, card: ModelCard, *, calibration: Calibration | None, providers: Sequence[str | tuple[str, Mapping[str, Any]]],
         options: OrtOptions | Mapping[str, Any] | None = None, max_batch: int = 64, verify: bool = True,
     ) -> None:
-        self.model, self.card = model, card
+        self.model, self.card, self.max_batch = model, card, max_batch
         self._providers, self._options = providers, options
         opts = validate(ExportOptions, {"part": "predictor_ood", "dynamic": {"batch": (1, max_batch)}}, "frozen path export")
         data, inputs, outputs = export_onnx_bytes(model, card, opts, calibration=calibration)
@@ -62,33 +72,28 @@ class OrtFrozenPath:
         self.ood = export_kind(card).ood_info(card, "predictor_ood", calibration) or {}
         self._names = [n for n, v in model.state_dict().items() if v.is_floating_point()]
         self.backend = OnnxRuntimeBackend(data, providers=providers, options=options, manifest=self._manifest)
-        self._versions = _versions_of(model)
-        self._digest = self._state_digest()
+        self._fingerprint = self._state_fingerprint()
         self.resyncs = 0
 
     @property
     def provider_used(self) -> str:
         return self.backend.provider_used
 
-    def _state_digest(self) -> str:
+    def _state_fingerprint(self) -> tuple[int, ...]:
         state = self.model.state_dict()
-        return weights_digest({n: state[n] for n in self._names})
+        return _fingerprint([state[n] for n in self._names])
 
     def sync(self) -> bool:
         """Push the model's current weights into the session if they changed; True if it did."""
-        versions = _versions_of(self.model)
-        if versions == self._versions:
-            return False
-        self._versions = versions
-        digest = self._state_digest()
-        if digest == self._digest:  # written but equal (an episodic restore)
+        fingerprint = self._state_fingerprint()
+        if fingerprint == self._fingerprint:  # unchanged, or written back equal (an episodic restore)
             return False
         state = self.model.state_dict()
         set_initializers(self._proto, {n: state[n] for n in self._names})
         self.backend = OnnxRuntimeBackend(
             self._proto.SerializeToString(), providers=self._providers, options=self._options, manifest=self._manifest
         )
-        self._digest = digest
+        self._fingerprint = fingerprint
         self.resyncs += 1
         return True
 
@@ -97,7 +102,9 @@ class OrtFrozenPath:
         (B, S*S, 3), slots; rgb / logits / attention empty), [(ood_score, scorer, is_ood, recon_mse)] per image.
         The graph's masks already follow the card's mask source (``segmentation_masks`` returns them as they are)."""
         self.sync()
-        outs = self.backend.run(x.detach().float().cpu().numpy())
+        batch = x.detach().float().cpu().numpy()
+        parts = [self.backend.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        outs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         masks = torch.from_numpy(outs["masks"]).flatten(2).to(x.device)  # (B, K, P)
         recon = torch.from_numpy(outs["reconstruction"]).flatten(2).transpose(1, 2).to(x.device)  # (B, P, 3)
         slots = torch.from_numpy(outs["slots"]).to(x.device)

@@ -44,6 +44,7 @@ from tta_runtime.data.digits import (
 )
 from tta_runtime.errors import ConfigError
 from tta_runtime.evaluation.common import progress_bar
+from tta_runtime.files import atomic_write
 from tta_runtime.hub import find_model, load_card, load_recipe
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def bench_tta(
             report["continual"][m] = rec
     report["seconds"] = time.perf_counter() - t0
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(json_path, (json.dumps(report, indent=2) + "\n").encode(), "JSON report")
     return report
 
 

@@ -24,21 +24,8 @@ from tqdm.auto import tqdm
 from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, VAL_SEED, generate_scenes
 from tta_runtime.errors import ConfigError
 from tta_runtime.models.segmenter import images_to_tensor
-from tta_runtime.ood import (
-    DEFAULT_EMBEDDING,
-    DEFAULT_TPR,
-    FAR_SHIFT_SPLITS,
-    SEGMENTER_SCORERS,
-    Calibration,
-    Embedding,
-    OODFeatures,
-    aupr,
-    auroc,
-    calibrate,
-    forward_with_features,
-    fpr_at_tpr,
-    make_scorer,
-)
+from tta_runtime.ood import DEFAULT_EMBEDDING, DEFAULT_TPR, FAR_SHIFT_SPLITS, SEGMENTER_SCORERS, Calibration, Embedding
+from tta_runtime.ood import OODFeatures, aupr, auroc, calibrate, forward_with_features, fpr_at_tpr, make_scorer
 
 if TYPE_CHECKING:
     from tta_runtime.models.segmenter import SlotSegmenter

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tta_runtime.config import _Frozen, validate
+from tta_runtime.config import ModelCard, _Frozen, validate
 from tta_runtime.errors import (
     ConfigError,
     ModelLoadError,
     TTARuntimeError,
     UnknownNameError,
 )
+from tta_runtime.files import atomic_write, load_npz, read_json
 from tta_runtime.ood.features import DEFAULT_EMBEDDING, Array, Embedding, OODFeatures
 from tta_runtime.ood.metrics import DEFAULT_TPR, threshold_at_tpr
 from tta_runtime.ood.scorers import OODScorer, make_scorer
@@ -117,18 +119,6 @@ def calibrate(
     )
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write beside `path` then rename, so a reader never sees half a file (modes follow the umask)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_calibration(folder: str | os.PathLike[str], calibrations: Mapping[str, Calibration]) -> Path:
     """Write `folder/ood/calibration.json` (readable metadata) and `state.npz` (arrays); returns `folder/ood`."""
     out = Path(folder) / CALIBRATION_DIR
@@ -138,6 +128,10 @@ def save_calibration(folder: str | os.PathLike[str], calibrations: Mapping[str, 
         if name != cal.scorer:
             raise ConfigError(f"calibration stored under {name!r} is for scorer {cal.scorer!r}")
         scalars = {k: float(v) for k, v in cal.state.items() if not isinstance(v, np.ndarray)}
+        bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+        if bad or not np.isfinite(cal.threshold):
+            raise ConfigError(f"calibration {name!r} has non-finite values ({bad or ['threshold']}); refit it on "
+                              "finite in-distribution features")
         keys = sorted(k for k, v in cal.state.items() if isinstance(v, np.ndarray))
         arrays.update({f"{name}/{k}": np.asarray(cal.state[k], dtype=np.float64) for k in keys})
         records[name] = _CalibrationRecord(
@@ -146,8 +140,8 @@ def save_calibration(folder: str | os.PathLike[str], calibrations: Mapping[str, 
             embedding=cal.embedding, weights_sha256=cal.weights_sha256,
         )
     doc = _CalibrationFile(format=_FORMAT, calibrations=records).model_dump(mode="json")
-    _atomic_write(out / CALIBRATION_NPZ, lambda f: np.savez(f, **arrays))
-    _atomic_write(out / CALIBRATION_JSON, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+    atomic_write(out / CALIBRATION_NPZ, lambda f: np.savez(f, **arrays), "OOD calibration arrays")
+    atomic_write(out / CALIBRATION_JSON, (json.dumps(doc, indent=2) + "\n").encode(), "OOD calibration")
     return out
 
 
@@ -166,22 +160,59 @@ def _fit_hint(folder: Path) -> str:
 def _read_files(folder: Path) -> tuple[_CalibrationFile, dict[str, np.ndarray]]:
     """The validated metadata and the float64 arrays of `folder/ood` (ModelLoadError when absent or bad)."""
     meta, npz = folder / CALIBRATION_DIR / CALIBRATION_JSON, folder / CALIBRATION_DIR / CALIBRATION_NPZ
-    if not meta.is_file():
+    if not meta.exists():
         raise ModelLoadError(f"no OOD calibration in {folder}; fit one with `tta-runtime ood fit --model {_fit_hint(folder)}`")
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read OOD calibration {meta}: {e}") from None
+    data = read_json(meta, "OOD calibration", error=ModelLoadError)
     try:
         doc: _CalibrationFile = validate(_CalibrationFile, data, f"OOD calibration {meta}")
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
-    try:
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: np.array(z[k], dtype=np.float64) for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read OOD calibration arrays {npz}: {e}") from None
+    arrays = {k: v.astype(np.float64) for k, v in load_npz(npz, "OOD calibration arrays", error=ModelLoadError).items()}
     return doc, arrays
+
+
+# The state arrays' shapes by scorer, in symbols: D = the embedding width (the same in every array of a
+# scorer, and the model's when its card is known), C classes, N bank entries, R residual dimensions.
+_SHAPES: dict[str, dict[str, tuple[str | int, ...]]] = {
+    "knn": {"bank": ("N", "D")},
+    "mahalanobis": {"means": ("C", "D"), "precision": ("D", "D")},
+    "rmd": {"means": ("C", "D"), "precision": ("D", "D"), "mean0": (1, "D"), "precision0": ("D", "D")},
+    "vim": {"origin": ("D",), "residual_basis": ("D", "R")},
+}
+_POSITIVE = {"std"}  # scalars that divide: z-scored scorers' std
+
+
+def embedding_width(card: ModelCard, embedding: str) -> int | None:
+    """The width D of the embedding a model hands its feature scorers (None when the card does not say)."""
+    if card.classifier is not None:
+        return card.classifier.widths[-1]
+    if card.segmenter is not None:
+        return card.segmenter.slot_dim * (2 if embedding == "encoder_meanstd" else 1)
+    return None
+
+
+def _check_state(name: str, where: Path, state: Mapping[str, np.ndarray | float], threshold: float, width: int | None) -> None:
+    """Refuse a calibration whose values are not finite, whose z-score std is not positive or whose arrays do
+    not have the shapes its scorer reads (every later request would fail or score NaN)."""
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"OOD calibration {name!r} in {where}: {why}; refit with `tta-runtime ood fit`")
+
+    if not math.isfinite(threshold):
+        raise bad(f"threshold is {threshold}")
+    for key, value in state.items():
+        if not np.isfinite(value).all():
+            raise bad(f"{key!r} holds NaN or infinite values")
+        if key in _POSITIVE and not (np.ndim(value) == 0 and float(value) > 0):  # type: ignore[arg-type]
+            raise bad(f"{key!r} must be a positive number, got {value}")
+    sizes: dict[str, int] = {} if width is None else {"D": width}
+    for key, dims in _SHAPES.get(name, {}).items():
+        shape = np.shape(state.get(key, ()))
+        ok = len(shape) == len(dims) and all(n >= 1 for n in shape)
+        for d, n in zip(dims, shape, strict=False):
+            ok = ok and (n == d if isinstance(d, int) else sizes.setdefault(d, n) == n)
+        if not ok:
+            want = "(" + ", ".join(f"{d}={sizes[d]}" if d in sizes else str(d) for d in dims) + ")"
+            raise bad(f"array {key!r} has shape {shape}, expected {want}")
 
 
 def load_calibration(folder: str | os.PathLike[str]) -> dict[str, Calibration]:
@@ -193,11 +224,12 @@ def load_calibration(folder: str | os.PathLike[str]) -> dict[str, Calibration]:
     folder = Path(folder)
     doc, arrays = _read_files(folder)
     meta, npz = folder / CALIBRATION_DIR / CALIBRATION_JSON, folder / CALIBRATION_DIR / CALIBRATION_NPZ
-    card_sha = None
-    if (folder / "card.json").is_file():
+    card: ModelCard | None = None
+    if (folder / "card.json").exists():
         from tta_runtime.hub import load_card
 
-        card_sha = load_card(folder).weights.sha256
+        card = load_card(folder)
+    card_sha = None if card is None else card.weights.sha256
     result = {}
     for name, rec in doc.calibrations.items():
         if card_sha is not None and rec.weights_sha256 is not None and rec.weights_sha256 != card_sha:
@@ -210,6 +242,7 @@ def load_calibration(folder: str | os.PathLike[str]) -> dict[str, Calibration]:
             raise ModelLoadError(f"OOD calibration {name!r}: arrays {missing} missing from {npz}")
         state: dict[str, np.ndarray | float] = {k: arrays[f"{name}/{k}"] for k in rec.arrays}
         state.update(rec.scalars)
+        _check_state(rec.scorer, meta, state, rec.threshold, None if card is None else embedding_width(card, rec.embedding))
         try:
             cal = Calibration(
                 scorer=rec.scorer, params=dict(rec.params), state=state, threshold=rec.threshold, tpr=rec.tpr,

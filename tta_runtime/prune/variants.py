@@ -5,17 +5,17 @@ untouched; ``build_pruned`` makes the module a variant's card describes (classif
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from tta_runtime.config import ModelCard, PruneCard, WeightsSpec, validate
 from tta_runtime.errors import ConfigError, ModelLoadError
+from tta_runtime.files import atomic_write, is_plain_name, plain_name, read_json
 from tta_runtime.hub import load_card, load_weights, sha256_file
 from tta_runtime.prune.fixed import PrunedClassifier
 from tta_runtime.prune.segmenter import PrunedSegmenter
@@ -32,37 +32,42 @@ def save_pruned(
 ) -> Path:
     """Write ``model``'s state dict (base keys + ``predictors.*``) and its ``PruneCard`` to
     ``base_folder/prune/name/``; returns that folder. The base model's card and weights stay untouched."""
+    plain_name(name, "pruned variant name", ConfigError)
     base = load_card(base_folder)
     out = base_folder / PRUNE_DIR / name
-    out.mkdir(parents=True, exist_ok=True)
     wpath = out / "weights.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(wpath))
+    atomic_write(wpath, safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}), "pruned weights")
     card = PruneCard(
         name=name, base_model=base.name, base_sha256=base.weights.sha256, part=part, r=r, masks=masks,  # type: ignore[arg-type]
         ks=None if ks is None else [int(k) for k in ks], weights=WeightsSpec(file=wpath.name, sha256=sha256_file(wpath)),
         training=training or {}, metrics=metrics or {},
     )
-    (out / PRUNE_CARD).write_text(card.model_dump_json(indent=2) + "\n")
+    atomic_write(out / PRUNE_CARD, (card.model_dump_json(indent=2) + "\n").encode(), "prune card")
     return out
 
 
 def pruned_variants(folder: Path) -> list[str]:
     """Names of the pruned variants in a model folder (sorted)."""
     root = folder / PRUNE_DIR
-    return sorted(p.name for p in root.iterdir() if (p / PRUNE_CARD).is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if is_plain_name(p.name) and (p / PRUNE_CARD).is_file())
 
 
 def load_prune_card(folder: Path, name: str) -> PruneCard:
-    """The ``PruneCard`` of variant ``name`` in model folder ``folder``; a clear error lists what exists."""
+    """The ``PruneCard`` of variant ``name`` in model folder ``folder``; a clear error lists what exists.
+    ``name`` must be a plain name (``ConfigError`` otherwise): it is looked up in ``folder/prune/`` only."""
+    plain_name(name, "pruned variant (prune=)", ConfigError)
     path = folder / PRUNE_DIR / name / PRUNE_CARD
-    if not path.is_file():
+    if not path.exists():
         have = pruned_variants(folder)
         hint = (f"this model has: {', '.join(have)}" if have else
                 "this model has none; make one with `tta-runtime train ftwt --model <name> --r 0.6`")
         raise ModelLoadError(f"no pruned variant {name!r} in {folder / PRUNE_DIR} ({hint})")
+    data = read_json(path, "prune card", error=ModelLoadError)
     try:
-        return validate(PruneCard, json.loads(path.read_text()), f"prune card {path}")
-    except (ConfigError, json.JSONDecodeError) as e:
+        return validate(PruneCard, data, f"prune card {path}")
+    except ConfigError as e:
         raise ModelLoadError(str(e)) from None
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tta_runtime.errors import ConfigError
+from tta_runtime.files import writable_path
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def save_checkpoint(
                     tensors[f"optimizer.{i}/{key}/{name}"] = value.detach().cpu().contiguous()
     meta = {"format": FORMAT, "step": str(int(step)), "elapsed": repr(float(elapsed)), "config": cfg.model_dump_json()}
     tmp = path.with_suffix(".tmp")
+    writable_path(path, "checkpoint")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic rename
 

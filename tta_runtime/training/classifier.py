@@ -46,6 +46,7 @@ from tta_runtime.data.digits import (
 )
 from tta_runtime.device import import_cv2
 from tta_runtime.errors import ConfigError
+from tta_runtime.files import atomic_write, writable_path
 from tta_runtime.hub import sha256_file
 from tta_runtime.models.classifier import (
     CNNClassifier,
@@ -207,9 +208,11 @@ def write_classifier_folder(
     weights, fisher_file = out / "weights.safetensors", out / "fisher.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # one metadata key only: safetensors writes a multi-key map in random order, so the sha256 would vary
+    writable_path(weights, "weights file")
+    writable_path(fisher_file, "Fisher file")
     save_file(state, str(weights), metadata={"format": "pt"})
     save_file({k: v.contiguous() for k, v in fisher.items()}, str(fisher_file), metadata={"format": "pt"})
-    (out / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in log_lines))
+    atomic_write(out / "train_log.jsonl", "".join(json.dumps(line) + "\n" for line in log_lines).encode(), "training log")
     cfg = model.cfg
     norm = {"batch": "BatchNorm", "group": f"GroupNorm({cfg.groups})", "layer": "GroupNorm(1)"}[cfg.norm]
     card = ModelCard(
@@ -227,7 +230,7 @@ def write_classifier_folder(
         training=training,
         metrics=metrics,
     )
-    (out / "card.json").write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write(out / "card.json", (json.dumps(card.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
     log.info("wrote %s", out)
     return out
 

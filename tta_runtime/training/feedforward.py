@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tta_runtime.config import WeightsSpec, _Frozen
 from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes
+from tta_runtime.files import atomic_write, writable_path
 from tta_runtime.hub import sha256_file
 from tta_runtime.metrics import fg_ari
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
@@ -149,6 +150,7 @@ def save_feedforward(
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    writable_path(weights, "weights file")
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
     seconds, steps_done = copy_run(run_dir, folder)
     steps_done = cfg.steps if steps_done is None else steps_done
@@ -170,7 +172,7 @@ def save_feedforward(
         ),
         metrics={f"val_in_dist_{val_images}_fg_ari": validate_feedforward(model, val_images)},
     )
-    (folder / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write(folder / CARD_FILE, (json.dumps(card.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
     return folder
 
 

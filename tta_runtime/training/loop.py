@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from tta_runtime.errors import ConfigError
+from tta_runtime.files import atomic_write
 from tta_runtime.training.checkpoint import (
     CKPT_FILE,
     LOG_FILE,
@@ -132,7 +133,7 @@ def train_loop(
     if folder is not None:
         folder.path.mkdir(parents=True, exist_ok=True)
         start, elapsed = resume_checkpoint(folder.ckpt, folder.config, model, [o.optimizer for o in optimizers])
-        (folder.path / "config.json").write_text(folder.config.model_dump_json(indent=2))
+        atomic_write(folder.path / "config.json", folder.config.model_dump_json(indent=2).encode(), "run config")
         logf = (folder.path / LOG_FILE).open("a")
     if start == 0 and init is not None:
         init()

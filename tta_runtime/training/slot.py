@@ -36,6 +36,7 @@ from tta_runtime.config import (
 )
 from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from tta_runtime.errors import ConfigError
+from tta_runtime.files import atomic_write, writable_path
 from tta_runtime.hub import sha256_file
 from tta_runtime.metrics import fg_ari, hungarian_match
 from tta_runtime.models.segmenter import (
@@ -284,6 +285,7 @@ def _initial_weights(source: str) -> dict[str, torch.Tensor]:
 
 def _save_adam_moments(ckpt_path: Path, out: Path) -> WeightsSpec:
     """Adam's moments at the end of training, by parameter name, for optimizer_state='training' recipes."""
+    writable_path(out, "optimizer state file")
     save_file(adam_moments(ckpt_path), str(out))
     return WeightsSpec(file=out.name, sha256=sha256_file(out))
 
@@ -301,6 +303,7 @@ def write_model_folder(
         shutil.rmtree(out_dir / "ood")
     weights = out_dir / "weights.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    writable_path(weights, "weights file")
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
     ckpt = None if run_dir is None else Path(run_dir) / CKPT_FILE
     opt_spec = None
@@ -345,5 +348,5 @@ def write_model_folder(
         },
         metrics={"val_in_dist_256": val},
     )
-    (out_dir / "card.json").write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write(out_dir / "card.json", (json.dumps(card.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
     return out_dir

@@ -8,6 +8,7 @@ a sequence or a callable) into one lookup by source frame index.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -56,25 +57,46 @@ def load_ground_truth(truth: GroundTruth) -> Callable[[int], np.ndarray | None]:
         return truth
     if isinstance(truth, (str, os.PathLike)):
         path = Path(truth)
-        try:
-            with np.load(path) as data:
-                if "instances" not in data:
-                    raise InvalidInputError(f"ground truth {str(path)!r} has no 'instances' array (keys: {list(data)})")
-                maps = data["instances"]
-        except (OSError, ValueError) as e:
-            if isinstance(e, InvalidInputError):
-                raise
-            raise InvalidInputError(f"cannot read ground truth {str(path)!r}: {e}") from None
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise InvalidInputError(f"ground truth {str(path)!r} {what}; expected an .npz with an 'instances' (N, H, W) array")
+        maps = _read_npz(path)
     else:
         maps = truth
-    if isinstance(maps, np.ndarray) and maps.ndim != 3:
-        raise InvalidInputError(f"ground truth must be (N, H, W) instance maps, got shape {maps.shape}")
+    if not isinstance(maps, (np.ndarray, Sequence)) or isinstance(maps, (str, bytes)):
+        raise InvalidInputError(
+            f"ground truth must be an .npz path, an (N, H, W) array, a sequence of (H, W) maps or a callable, "
+            f"got {type(maps).__name__}"
+        )
+    if isinstance(maps, np.ndarray) and (maps.ndim != 3 or maps.dtype.kind not in "iub"):
+        raise InvalidInputError(
+            f"ground truth must be (N, H, W) integer instance maps, got shape {maps.shape} dtype {maps.dtype}"
+        )
     n = len(maps)
 
     def lookup(index: int) -> np.ndarray | None:
         return np.asarray(maps[index]) if 0 <= index < n else None
 
     return lookup
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    """The 'instances' array of an .npz (or the array of an .npy); never unpickles."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return np.asarray(loaded)
+        with loaded as data:
+            if "instances" not in data:
+                raise InvalidInputError(f"ground truth {str(path)!r} has no 'instances' array (keys: {list(data)})")
+            return data["instances"]
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InvalidInputError(
+            f"cannot read ground truth {str(path)!r}: {e}; expected an .npz with an 'instances' (N, H, W) integer "
+            "array (object arrays are refused: they would need unpickling)"
+        ) from None
 
 
 def _open_writer(path: str | os.PathLike[str], fps: float | None, stride: int, shape: tuple[int, ...]) -> Any:

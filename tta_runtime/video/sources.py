@@ -20,8 +20,11 @@ import math
 import os
 import queue
 import re
+import stat
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 
 Source = Union[str, os.PathLike, int, Iterable[np.ndarray]]
 
+# An http(s)/ftp URL's policy until it is open: 'all' if it declares a frame count (a file served over the
+# network), else 'latest' (a live stream). Files (file:// URLs included), cameras, rtsp:// and other live
+# protocols, and iterables are decided up front.
+AUTO_POLICY = "auto"
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _MAX_BAD_READS = 10  # unreadable frames in a row before a file is declared truncated / corrupt
 _JOIN_TIMEOUT_S = 5.0  # how long close() waits for a reader blocked inside the source
@@ -59,6 +66,11 @@ class _Source:
     def opencv(self) -> bool:
         return self.kind != "iterable"
 
+    @property
+    def served_file(self) -> bool:
+        """A URL that may be a file served over the network (http, https, ftp), not a live protocol (rtsp, udp...)."""
+        return self.kind == "url" and str(self.target).lower().startswith(("http://", "https://", "ftp://"))
+
 
 def _resolve_source(source: Any) -> _Source:
     """What kind of source this is; a missing file or an unusable object raises here, before any thread."""
@@ -74,12 +86,10 @@ def _resolve_source(source: Any) -> _Source:
             text = text.decode()
         if text.strip().isdigit():
             return _Source("camera", f"camera {int(text)}", int(text))
-        if _URL.match(text):
+        if _URL.match(text) and not text.lower().startswith("file:"):
             return _Source("url", _redact(text), text)
-        path = Path(text)
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise StreamError(f"cannot open video source {text!r}: the file {what}; expected {_EXPECTED}")
+        path = _file_path(text)
+        _check_regular_file(path, text)
         return _Source("file", text, str(path))
     if isinstance(source, np.ndarray):
         if source.ndim == 4:  # (N, H, W, 3): frames stacked in one array
@@ -91,6 +101,34 @@ def _resolve_source(source: Any) -> _Source:
     if isinstance(source, Iterable):
         return _Source("iterable", f"{type(source).__name__} of frames", source)
     raise StreamError(f"cannot use a {type(source).__name__} as a video source; expected {_EXPECTED}")
+
+
+def _file_path(text: str) -> Path:
+    """A path, or a file:// URL (file:///tmp/a.mp4, file://localhost/tmp/a.mp4) as the path it names."""
+    if not text.lower().startswith("file:"):
+        return Path(text)
+    url = urllib.parse.urlparse(text)
+    if url.netloc not in ("", "localhost"):
+        raise StreamError(f"cannot open video source {text!r}: a file:// URL must name a local file (file:///path), "
+                          f"not one on host {url.netloc!r}")
+    return Path(urllib.request.url2pathname(url.path))
+
+
+def _check_regular_file(path: Path, text: str) -> None:
+    """StreamError unless `path` is a regular file (a FIFO or a device could block a read forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror or e})"
+        raise StreamError(f"cannot open video source {text!r}: the file {what}; expected {_EXPECTED}") from None
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise StreamError(
+            f"cannot open video source {text!r}: it is {what}, not a regular file; give a video file, or stream "
+            "a pipe's frames as an iterable of (H, W, 3) uint8 arrays"
+        )
 
 
 def _redact(url: str) -> str:
@@ -145,9 +183,9 @@ class _Reader:
 
     def __init__(
         self, source: _Source, *, policy: str, stride: int, buffer: int, read_timeout_s: float, reconnect: int,
-        backoff_s: float,
+        backoff_s: float, buffer_given: bool = True,
     ) -> None:
-        self.source, self.policy, self.stride = source, policy, stride
+        self.source, self.policy, self.stride, self.buffer_given = source, policy, stride, buffer_given
         self.read_timeout_s, self.reconnect, self.backoff_s = read_timeout_s, reconnect, backoff_s
         self.queue: queue.Queue[_Frame | _End | _Failure] = queue.Queue(maxsize=buffer)
         self.stop = threading.Event()
@@ -184,6 +222,10 @@ class _Reader:
             count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
             # a URL with a frame count is a file served over the network: it ends, it does not drop
             live = self.source.kind == "camera" or (self.source.kind == "url" and count <= 0)
+            if self.policy == AUTO_POLICY:  # before the first frame is queued
+                self.policy = "latest" if live else "all"
+                if not self.buffer_given:
+                    self.queue.maxsize = 1 if live else 4
             self.info = {
                 "fps": fps if math.isfinite(fps) and 0 < fps < 1000 else None,  # 0 or NaN on many streams
                 "frame_count": count if count > 0 and not live else None,

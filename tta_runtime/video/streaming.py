@@ -22,7 +22,7 @@ from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.video.annotate import GroundTruth, _open_writer, annotate_frame, load_ground_truth
 from tta_runtime.video.monitors import CollapseMonitor, SceneCutDetector
 from tta_runtime.video.sources import (
-    _JOIN_TIMEOUT_S, Source, StreamError, _End, _Failure, _Frame, _Reader, _resolve_source, _Source,
+    _JOIN_TIMEOUT_S, AUTO_POLICY, Source, StreamError, _End, _Failure, _Frame, _Reader, _resolve_source, _Source,
 )
 from tta_runtime.video.stats import StreamStats
 
@@ -102,6 +102,8 @@ class Stream:
         self._collapse = CollapseMonitor()
         self._truth: Callable[[int], np.ndarray | None] | None = None
         self._shape: tuple[int, ...] | None = None  # of the first valid frame; every frame must match it
+        options = getattr(runtime, "options", None)
+        self._max_pixels = int(getattr(options, "max_pixels", None) or 2**62)  # larger frames are skipped
         self._writer: Any = None
         self._bar: Any = None
         self._latched = False  # 'when_ood': adapting since the loaded model flagged a frame (until a reset)
@@ -139,6 +141,7 @@ class Stream:
         reader = _Reader(
             self.source, policy=o["policy"], stride=o["stride"], buffer=o["buffer"],
             read_timeout_s=o["read_timeout_s"], reconnect=o["reconnect"], backoff_s=o["backoff_s"],
+            buffer_given=o["buffer_given"],
         )
         t_start = time.perf_counter()
         self.runtime.reset()  # a stream starts from the loaded weights
@@ -212,6 +215,9 @@ class Stream:
             problem = f"a {type(frame).__name__}, not a numpy array"
         elif frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or min(frame.shape[:2]) < 1:
             problem = f"dtype {frame.dtype}, shape {frame.shape}"
+        elif frame.shape[0] * frame.shape[1] > self._max_pixels:
+            problem = (f"{frame.shape[0]}x{frame.shape[1]} = {frame.shape[0] * frame.shape[1]:,} pixels, above the "
+                       f"runtime's max_pixels {self._max_pixels:,}")
         elif shape is not None and frame.shape != shape:
             problem = f"shape {frame.shape}"
         if problem is not None:
@@ -342,6 +348,7 @@ class Stream:
     def _sync(self, reader: _Reader) -> None:
         st = self.stats
         st.frames_in, st.frames_dropped = reader.frames_in, reader.dropped
+        st.policy, st.buffer = reader.policy, reader.queue.maxsize  # a URL's 'auto' is decided once it is open
         st.frames_skipped_stride, st.frames_unreadable, st.reconnects = reader.skipped_stride, reader.unreadable, reader.reconnects
 
 
@@ -352,7 +359,7 @@ def stream(
     policy: str | None = None, stride: int = 1, buffer: int | None = None, max_frames: int | None = None, ground_truth: GroundTruth | None = None,
     channel_order: str | None = None, out: str | os.PathLike[str] | None = None, fps: float | None = None,
     annotate: bool = False, cut_threshold: float = 0.3, read_timeout_s: float = 10.0, reconnect: int = 5,
-    backoff_s: float = 0.5, progress: bool = False, restore_prob: float | None = None,
+    backoff_s: float = 0.5, progress: bool = False, restore_prob: float | None = None, **unknown: Any,
 ) -> Stream:
     """Segment a video frame by frame, adapting continually; returns a `Stream` of `StreamFrame`s.
 
@@ -377,8 +384,9 @@ def stream(
         reset_on_cut / reset_on_collapse: reset the weights on a scene cut (`SceneCutDetector`,
             `cut_threshold`) / when `CollapseMonitor` signals. reset_every: also reset every n processed
             frames (as RDumb does), a bound on drift over long streams; None: never.
-        policy: "all" (every frame; default for files and iterables) or "latest" (drop stale frames;
-            default for cameras and URLs). buffer: frames waiting in the queue (default 4 for "all", 1
+        policy: "all" (every frame; default for files, file:// URLs, iterables, and http(s):// or ftp://
+            URLs that declare a frame count once open: files served over the network) or "latest" (drop
+            stale frames; default for cameras, rtsp:// and other live streams). buffer: frames waiting in the queue (default 4 for "all", 1
             for "latest": a frame then waits for at most the one being processed). stride: process
             every n-th frame.
         max_frames: stop after this many processed frames.
@@ -390,12 +398,13 @@ def stream(
             attempts for a live source that drops, waiting backoff_s, 2x, 4x ... (at most 8 s) before each.
         progress: one tqdm bar for the whole stream (its total: the frames to process, when known).
 
-    Raises (immediately): `ConfigError` for a bad option, `StreamError` for a source that cannot be used
+    Raises (immediately): `ConfigError` for a bad option (an unknown keyword included), `StreamError` for a source that cannot be used
     (a missing file, an unusable object). While iterating: `StreamError` (cannot open, stall, lost).
     """
-    from tta_runtime.config import with_overrides
+    from tta_runtime.config import check_keywords, keywords_of, with_overrides
     from tta_runtime.hub import load_recipe
 
+    check_keywords(unknown, keywords_of(stream, skip=2), "stream()")
     src = _resolve_source(source)
     adapt = "always" if adapt is None else adapt
     if adapt not in ADAPT_MODES:
@@ -405,9 +414,11 @@ def stream(
             f"adapt='when_ood' needs an OOD calibration in the model folder ({runtime.folder}/ood); "
             "run `tta-runtime ood fit`, or use adapt='always'"
         )
-    policy = policy or ("latest" if src.kind in ("camera", "url") else "all")
-    if policy not in POLICIES:
+    if policy is not None and policy not in POLICIES:
         raise ConfigError(f"policy must be 'all' (every frame) or 'latest' (drop stale frames), got {policy!r}")
+    # an http(s)/ftp URL is decided once it is open: one that declares a frame count is a file (every frame)
+    policy = policy or ("all" if not src.opencv or src.kind == "file" else AUTO_POLICY if src.served_file else "latest")
+    buffer_given = buffer is not None
     buffer = (1 if policy == "latest" else 4) if buffer is None else buffer
     for name, value, lo in (("stride", stride, 1), ("buffer", buffer, 1), ("steps_per_frame", steps_per_frame, 0), ("reconnect", reconnect, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
@@ -438,7 +449,7 @@ def stream(
         "adapt": adapt, "recipe_cfg": recipe_cfg, "steps_per_frame": int(steps_per_frame),
         "latency_budget_ms": latency_budget_ms, "reset_on_cut": bool(reset_on_cut),
         "reset_on_collapse": bool(reset_on_collapse), "reset_every": None if reset_every is None else int(reset_every),
-        "policy": policy, "stride": int(stride), "buffer": int(buffer),
+        "policy": policy, "stride": int(stride), "buffer": int(buffer), "buffer_given": buffer_given,
         "max_frames": None if max_frames is None else int(max_frames), "ground_truth": ground_truth,
         "channel_order": channel_order, "out": out, "fps": fps, "annotate": bool(annotate),
         "cut_threshold": cut_threshold, "read_timeout_s": float(read_timeout_s), "reconnect": int(reconnect),
