@@ -18,7 +18,8 @@ MAX_LINES = 500
 LAB = ("tta_runtime.data", "tta_runtime.training", "tta_runtime.evaluation", "tta_runtime.cli")
 RUNTIME_PATH = (
     "tta_runtime", "tta_runtime.runtime", "tta_runtime.inputs", "tta_runtime.hub", "tta_runtime.config",
-    "tta_runtime.result", "tta_runtime.outputs", "tta_runtime.frozen", "tta_runtime.device", "tta_runtime.errors",
+    "tta_runtime.result", "tta_runtime.result_io", "tta_runtime.custom", "tta_runtime.calibration_run",
+    "tta_runtime.save", "tta_runtime.schema", "tta_runtime.outputs", "tta_runtime.frozen", "tta_runtime.device", "tta_runtime.errors",
     "tta_runtime.registry", "tta_runtime.metrics", "tta_runtime.visual", "tta_runtime.models", "tta_runtime.adapt",
     "tta_runtime.ood", "tta_runtime.prune", "tta_runtime.deploy", "tta_runtime.video", "tta_runtime.serve",
 )

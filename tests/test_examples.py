@@ -43,3 +43,10 @@ def test_pruned_classifier_compares_dense_and_pruned() -> None:
     assert lines[0].startswith("32 test digits")
     assert lines[1].startswith("dense") and lines[2].startswith("pruned r0.6")
     assert "of the dense multiply-accumulates" in lines[2]
+
+
+@pytest.mark.slow
+def test_custom_model_adapts_calibrates_saves_and_exports(tmp_path) -> None:
+    out = _run("custom_model.py", "--epochs", "4", "--out", str(tmp_path))
+    assert out.splitlines()[0].startswith("calibrated 8 OOD scorers")
+    assert "identical predictions True" in out and "parity passed" in out

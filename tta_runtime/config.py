@@ -13,15 +13,13 @@ too), NaN and infinities are refused, and every numeric field has a range. The l
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tta_runtime.errors import ConfigError
+from tta_runtime.schema import _Frozen, check_keywords, format_validation_error, keywords_of, validate, with_overrides  # noqa: F401
 
 
 # Limits on work per call and on the size of what a card may build (documented in the fields below).
@@ -30,29 +28,6 @@ MAX_SEED = 2**63 - 1  # seeds go to torch.Generator.manual_seed (and fit an int6
 MAX_WIDTH = 4096  # channels of one classifier stage
 MAX_PARAMETERS = 50_000_000  # parameters a cnn_classifier card may build before its weights are checked
 MAX_PIXELS = 16384 * 16384  # the largest `max_pixels` a runtime may be given
-
-
-class _Frozen(BaseModel):
-    # strict: no str/bool -> number coercion (an int is still a valid float); finite floats only
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _plain_scalars(cls, data: Any) -> Any:
-        """numpy scalars (np.int64 from an array, np.float32) are the numbers they hold; nothing else is converted."""
-        if isinstance(data, dict) and any(isinstance(v, np.generic) for v in data.values()):
-            return {k: _plain(v) for k, v in data.items()}
-        return data
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
 
 
 class SegmenterConfig(_Frozen):
@@ -148,11 +123,65 @@ class ExternalConfig(_Frozen):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
 
 
-class Preprocessing(_Frozen):
-    """How an image becomes the model's input tensor."""
+_Triple = tuple[Annotated[float, Field(ge=-10, le=10)], Annotated[float, Field(ge=-10, le=10)], Annotated[float, Field(ge=-10, le=10)]]
+_PositiveTriple = tuple[Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)], Annotated[float, Field(gt=0, le=10)]]
 
-    size: int = Field(ge=8, le=512, description="square side the image is resized to")
+
+class Preprocessing(_Frozen):
+    """How an image becomes the model's input tensor: one definition for the runtime, the card and the export.
+
+    The image door (`tta_runtime.inputs.prepare_image`) does the geometry: with `resize="square"` the whole
+    image is resized to size x size (aspect ratio not kept); with `"shorter_side"` it is resized so that its
+    shorter side is `resize_to` (aspect kept), then the centre size x size is cropped. `interpolation`:
+    "area" (area averaging on an axis that shrinks, bilinear on one that grows: the default, no aliasing),
+    "bilinear", "bicubic" or "nearest" (OpenCV's, on the image's own dtype). Pixels are then RGB in [0, 1].
+    The model side (inside the model, so the exported graph carries it) applies `channel_order` (the order
+    the network was trained on) and `(x - mean) / std` when `mean` and `std` are given (None: the network
+    takes [0, 1] input, or normalises itself, as the shipped models do).
+    """
+
+    size: int = Field(ge=8, le=1024, description="square side of the model input")
     scale: Literal["unit"] = Field("unit", description="pixels mapped to [0, 1] (uint8 / 255)")
+    resize: Literal["square", "shorter_side"] = Field(
+        "square", description="'square': resize the whole image to size x size; 'shorter_side': shorter side to "
+        "resize_to (aspect kept), then centre crop size x size"
+    )
+    resize_to: int | None = Field(
+        None, ge=8, le=4096, description="shorter side before the centre crop (resize='shorter_side'); None = size"
+    )
+    interpolation: Literal["area", "bilinear", "bicubic", "nearest"] = Field(
+        "area", description="'area': area averaging when shrinking, bilinear when growing; else OpenCV's flag"
+    )
+    mean: _Triple | None = Field(None, strict=False, description="per-channel mean subtracted inside the model (input in [0, 1])")
+    std: _PositiveTriple | None = Field(None, strict=False, description="per-channel std divided inside the model, > 0")
+    channel_order: Literal["rgb", "bgr"] = Field("rgb", description="channel order the network was trained on")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Preprocessing:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.resize_to is not None and self.resize != "shorter_side":
+            raise ValueError("resize_to applies to resize='shorter_side' only")
+        if self.resize_to is not None and self.resize_to < self.size:
+            raise ValueError(f"resize_to ({self.resize_to}) must be >= size ({self.size}): the crop is taken from it")
+        return self
+
+    @property
+    def shorter_side(self) -> int:
+        """The shorter side before the centre crop (resize='shorter_side')."""
+        return self.resize_to or self.size
+
+    def describe(self) -> str:
+        """One line saying exactly what the image door does (for manifests and docs)."""
+        interp = {"area": "area averaging on a shrinking axis, bilinear on a growing one (OpenCV INTER_AREA / "
+                  "INTER_LINEAR)", "bilinear": "OpenCV INTER_LINEAR", "bicubic": "OpenCV INTER_CUBIC",
+                  "nearest": "OpenCV INTER_NEAREST"}[self.interpolation]
+        if self.resize == "square":
+            geometry = f"resize the whole image to {self.size}x{self.size}"
+        else:
+            geometry = (f"resize so the shorter side is {self.shorter_side} (longer side round(L * {self.shorter_side} / "
+                        f"shorter), aspect kept), then crop the centre {self.size}x{self.size} (offset (L - {self.size}) // 2)")
+        return f"{geometry}; {interp} on the image's own dtype (uint8 stays uint8); then RGB float32 / 255 in [0, 1]"
 
 
 class WeightsSpec(_Frozen):
@@ -198,16 +227,45 @@ class PruneCard(_Frozen):
         return self
 
 
+class ModuleConfig(_Frozen):
+    """A classifier given as a Python `nn.Module` (`Runtime.from_module`); saved folders name the function
+    that builds it (`builder`, "package.module:function"), whose weights are then loaded from the folder."""
+
+    builder: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="'package.module:function' returning the nn.Module (None: an in-memory module, not loadable)",
+    )
+    num_classes: int = Field(ge=2, le=100_000)
+    features: str | None = Field(
+        None, max_length=200, description="submodule whose output (spatially averaged) is the OOD embedding; None = the "
+        "input of the last nn.Linear"
+    )
+    feature_dim: int = Field(ge=1, le=1_000_000, description="width of the OOD embedding")
+
+
+PYTHON_ARCHITECTURE = "python:"
+ARCHITECTURES = ("slot_segmenter", "cnn_classifier", "torchvision", "timm", "module")
+
+
+def builder_of(architecture: str) -> str | None:
+    """'package.module:function' of a "python:package.module:function" architecture, else None."""
+    return architecture[len(PYTHON_ARCHITECTURE):] if architecture.startswith(PYTHON_ARCHITECTURE) else None
+
+
 class ModelCard(_Frozen):
     """A shipped model's card (`card.json` in its folder)."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     task: Literal["segmentation", "classification"] = "segmentation"
-    architecture: Literal["slot_segmenter", "cnn_classifier", "torchvision", "timm"] = "slot_segmenter"
+    architecture: str = Field(
+        "slot_segmenter", description="'slot_segmenter', 'cnn_classifier', 'torchvision', 'timm', 'module' (an in-memory "
+        "nn.Module) or 'python:package.module:function' (a function returning the module; loading runs it: trust_code)"
+    )
     description: str = ""
     segmenter: SegmenterConfig | None = None
     classifier: ClassifierConfig | None = None
     external: ExternalConfig | None = Field(None, description="architecture 'torchvision' / 'timm': which model")
+    module: ModuleConfig | None = Field(None, description="architecture 'module' / 'python:...': the wrapped nn.Module")
     labels: list[str] = Field(default_factory=list, description="class names, index = label (classifiers)")
     preprocessing: Preprocessing
     weights: WeightsSpec
@@ -225,21 +283,34 @@ class ModelCard(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
-        sections = {"slot_segmenter": "segmenter", "cnn_classifier": "classifier", "torchvision": "external", "timm": "external"}
+        sections = {"slot_segmenter": "segmenter", "cnn_classifier": "classifier", "torchvision": "external", "timm": "external",
+                    "module": "module"}
+        builder = builder_of(self.architecture)
+        if builder is None and self.architecture not in sections:
+            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)} or 'python:package.module:function', "
+                             f"got {self.architecture!r}")
         tasks = {"slot_segmenter": "segmentation"}
         if tasks.get(self.architecture, "classification") != self.task:
             raise ValueError(f"architecture {self.architecture!r} does not do task {self.task!r}")
-        section = sections[self.architecture]
+        section = "module" if builder is not None else sections[self.architecture]
         cfg = getattr(self, section)
-        others = [s for s in ("segmenter", "classifier", "external") if s != section and getattr(self, s) is not None]
+        others = [s for s in ("segmenter", "classifier", "external", "module") if s != section and getattr(self, s) is not None]
         if cfg is None or others:
             raise ValueError(f"a {self.architecture} card needs a '{section}' section and no {others} section")
         if self.external is not None and self.external.source != self.architecture:
             raise ValueError(f"external.source {self.external.source!r} must equal architecture {self.architecture!r}")
-        if self.preprocessing.size != cfg.resolution:
+        if builder is not None and self.module is not None and self.module.builder != builder:
+            raise ValueError(f"module.builder {self.module.builder!r} must equal the architecture's {builder!r}")
+        if self.preprocessing.size != getattr(cfg, "resolution", self.preprocessing.size):
             raise ValueError(
                 f"preprocessing.size ({self.preprocessing.size}) must equal {section}.resolution ({cfg.resolution})"
             )
+        if self.preprocessing.mean is not None and self.task == "segmentation":
+            raise ValueError("preprocessing.mean/std: the slot segmenter takes [0, 1] input (normalisation is for classifiers)")
+        if self.external is not None and self.preprocessing.mean is not None and (
+            tuple(self.preprocessing.mean) != tuple(self.external.mean) or tuple(self.preprocessing.std) != tuple(self.external.std)
+        ):
+            raise ValueError("preprocessing.mean/std must equal external.mean/std (the wrapper normalises with them)")
         if self.labels and self.task == "classification" and len(self.labels) != cfg.num_classes:
             raise ValueError(f"labels has {len(self.labels)} names but num_classes is {cfg.num_classes}")
         return self
@@ -407,49 +478,16 @@ class RuntimeOptions(_Frozen):
     )
 
 
-def format_validation_error(err: ValidationError, what: str) -> str:
-    """Turn a pydantic error into one readable message: field, value received, what was expected."""
-    lines = [f"invalid {what}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        got = e.get("input")
-        got_s = repr(got)
-        if len(got_s) > 80:
-            got_s = got_s[:77] + "..."
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  - {loc}: unknown field (got {got_s}); check the spelling")
-        else:
-            lines.append(f"  - {loc}: {e['msg']} (got {got_s})")
-    return "\n".join(lines)
-
-
-def validate(model: type[_Frozen], data: Any, what: str) -> Any:
-    """`model.model_validate(data)` with errors turned into `ConfigError` messages."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, what)) from None
-
-
-def with_overrides(cfg: _Frozen, overrides: dict[str, Any], what: str) -> Any:
-    """A copy of a frozen config with fields replaced, validated like a fresh one."""
-    if not overrides:
-        return cfg
-    data = cfg.model_dump()
-    data.update(overrides)
-    return validate(type(cfg), data, what)
-
-
-def check_keywords(given: Iterable[str], accepted: Iterable[str], what: str) -> None:
-    """`ConfigError` naming the unknown keywords of a call (`what`, e.g. "stream()") and the accepted ones."""
-    known = list(accepted)
-    unknown = sorted(set(given) - set(known))
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword overrides of a runtime constructor split into (runtime options, recipe fields); `ConfigError`
+    naming both lists for an unknown name."""
+    runtime_keys, recipe_keys = set(RuntimeOptions.model_fields), set(AdaptConfig.model_fields)
+    unknown = set(overrides) - runtime_keys - recipe_keys
     if unknown:
-        raise ConfigError(f"{what} got unknown keyword(s) {unknown}; it accepts {sorted(known)}")
-
-
-def keywords_of(func: Callable[..., Any], skip: int = 0) -> list[str]:
-    """The names `func` takes as keywords (after its first `skip` positional parameters)."""
-    params = list(inspect.signature(func).parameters.values())[skip:]
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in params if p.kind in kinds]
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)}; runtime options: {sorted(runtime_keys)}; "
+            f"recipe fields: {sorted(recipe_keys - {'name', 'description'})}"
+        )
+    runtime = {k: v for k, v in overrides.items() if k in runtime_keys}
+    recipe = {k: v for k, v in overrides.items() if k not in runtime_keys}
+    return runtime, recipe

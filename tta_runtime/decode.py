@@ -30,20 +30,27 @@ def read_file(path: str | os.PathLike[str], max_pixels: int) -> tuple[np.ndarray
     blocks), at most `file_size_limit(max_pixels)` bytes, and the size in the file's header is checked
     against `max_pixels` before anything is decoded (`image_header_size`): a decompression bomb costs
     the bytes of the file, not the pixels it declares."""
-    cv2 = import_cv2()
     name = os.fspath(path)
     if not isinstance(name, str):
         raise InvalidInputError(f"got a bytes path {name!r}; pass the path as str or pathlib.Path")
     if name == "" or name.isspace():
         raise InvalidInputError(f"got the string {name!r}, which is not a path; {EXPECTED}")
     data = _read_regular_file(name, file_size_limit(max_pixels))
+    return decode_bytes(data, max_pixels, repr(name))
+
+
+def decode_bytes(data: bytes, max_pixels: int, name: str = "the image") -> tuple[np.ndarray, str, str]:
+    """Decode an encoded image (the bytes of a file or an upload); return (H, W) or (H, W, 3) BGR, 8 or 16 bit,
+    its channel order and a description. The size in the header is checked against `max_pixels` before
+    anything is decoded (`image_header_size`). `name` says what the bytes are in error messages."""
+    cv2 = import_cv2()
     size = image_header_size(data)
     if size is None:
         raise InvalidInputError(
-            f"{name!r} is not a readable image: its first bytes ({len(data)} in all) are no header of {HEADER_FORMATS} "
+            f"{name} is not a readable image: its first bytes ({len(data)} in all) are no header of {HEADER_FORMATS} "
             "with a size, which is read before decoding. Decode other formats yourself and pass the pixels as an array"
         )
-    check_pixels(size, max_pixels, f"file {name!r} (size from its header)")
+    check_pixels(size, max_pixels, f"{name} (size from its header)")
     decoded = None
     try:
         # ANYDEPTH keeps 16-bit files 16-bit; ANYCOLOR keeps gray files gray and drops alpha. Unlike
@@ -53,11 +60,20 @@ def read_file(path: str | os.PathLike[str], max_pixels: int) -> tuple[np.ndarray
         decoded = None
     if decoded is None:
         raise InvalidInputError(
-            f"{name!r} is not a readable image (PNG, JPEG, BMP, TIFF, WebP, ...): OpenCV could not decode "
+            f"{name} is not a readable image (PNG, JPEG, BMP, TIFF, WebP, ...): OpenCV could not decode "
             f"its {len(data)} bytes"
         )
-    what = f"file {name!r} ({decoded.dtype}, shape {tuple(decoded.shape)})"
+    what = f"{name} ({decoded.dtype}, shape {tuple(decoded.shape)})"
     return check_numpy_layout(decoded, what), "bgr", what
+
+
+def image_format(data: bytes) -> str | None:
+    """The format an encoded image's first bytes announce ("png", "jpeg", "bmp", "webp", "tiff", "gif", ...),
+    or None. Only the magic bytes are read; `image_header_size` then reads the declared size."""
+    for magic, fmt in _FORMATS:
+        if data.startswith(magic) and (fmt != "webp" or data[8:12] == b"WEBP"):
+            return fmt
+    return None
 
 
 def file_size_limit(max_pixels: int) -> int:
@@ -328,4 +344,11 @@ _PARSERS: tuple[tuple[bytes, Any], ...] = (
     (b"\x00\x00\x00\x0cjP  ", lambda d: _iso_box(d, b"ihdr", 0, "hw")),
     (b"\xff\x4f\xff\x51", _j2k_codestream),
     (b"\x00\x00\x00", lambda d: _iso_box(d, b"ispe", 4, "wh") if d[4:8] == b"ftyp" else None),
+)
+
+
+_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"), (b"RIFF", "webp"),
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"),
+    (b"GIF87a", "gif"), (b"GIF89a", "gif"),
 )

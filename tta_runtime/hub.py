@@ -209,3 +209,12 @@ def load_recipe(name_or_path: str | os.PathLike[str], **overrides: Any) -> Adapt
     data.setdefault("name", path.stem)
     data.update(overrides)
     return validate(AdaptConfig, data, f"recipe {path.name}")
+
+
+def refuse_non_finite(tensors: dict[str, torch.Tensor], where: object) -> None:
+    """`ModelLoadError` when a loaded float tensor (weights, buffers, optimizer moments, Fisher) holds NaN or
+    Inf: such a model answers every input with NaN masks or probabilities, whatever its card's sha256 says."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelLoadError(f"the model in {where} has NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
+                             "weights are corrupt or diverged; re-download the model, or re-export it from a finite checkpoint")

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tta_runtime.config import Preprocessing
 from tta_runtime.decode import EXPECTED, check_numpy_layout, check_pixels, describe, pil_to_array, read_file
 from tta_runtime.device import import_cv2
 from tta_runtime.errors import InvalidInputError
@@ -72,18 +73,21 @@ class PreparedImage:
 def prepare_image(
     image: Any,
     *,
-    size: int | tuple[int, int],
+    size: int | tuple[int, int] | None = None,
     channel_order: str = "rgb",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocessing: Preprocessing | None = None,
 ) -> PreparedImage:
     """Turn one user image into the model's input tensor.
 
     Args:
         image: one image, in any of the forms listed in this module's docstring.
-        size: the model's input size, ``S`` for S x S or ``(S_h, S_w)``.
+        size: the model's input size, ``S`` for S x S or ``(S_h, S_w)`` (or None with ``preprocessing``).
         channel_order: ``"rgb"`` or ``"bgr"`` (OpenCV frames); the order of the colour channels of a
             numpy array or tensor. Ignored for file paths and PIL images, whose order is known.
         max_pixels: largest accepted H * W; bigger images are refused before they are converted.
+        preprocessing: a model card's `Preprocessing` (resize mode, interpolation); its ``size`` is the
+            output size. None: the whole image resized to ``size`` with area averaging (as the default card).
 
     Returns:
         A :class:`PreparedImage` with ``tensor`` (1, 3, S_h, S_w) float32 in [0, 1], RGB.
@@ -91,9 +95,13 @@ def prepare_image(
     Raises:
         InvalidInputError: the image (or an argument) is not something this function can take.
 
-    Resizing uses area averaging on an axis that shrinks and bilinear interpolation on an axis that
-    grows. The caller's array is never modified.
+    Resizing (default) uses area averaging on an axis that shrinks and bilinear interpolation on an axis that
+    grows; ``preprocessing.describe()`` says what another preprocessing does. The caller's array is never modified.
     """
+    if preprocessing is not None:
+        if size is not None and _check_size(size) != (preprocessing.size, preprocessing.size):
+            raise InvalidInputError(f"size {size!r} disagrees with preprocessing.size {preprocessing.size}; give one of them")
+        size = preprocessing.size
     out_hw = _check_size(size)
     if channel_order not in _CHANNEL_ORDERS:
         raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
@@ -101,7 +109,7 @@ def prepare_image(
         raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
 
     array, order, what = _to_array(image, channel_order, max_pixels)
-    return _prepare_array(array, order, out_hw, max_pixels, what)
+    return _prepare_array(array, order, out_hw, max_pixels, what, preprocessing)
 
 
 def split_batch(images: Any) -> list[Any] | None:
@@ -280,7 +288,8 @@ _TORCH_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.in
 
 
 def _prepare_array(
-    arr: np.ndarray, order: str, out_hw: tuple[int, int], max_pixels: int, what: str
+    arr: np.ndarray, order: str, out_hw: tuple[int, int], max_pixels: int, what: str,
+    preprocessing: Preprocessing | None = None,
 ) -> PreparedImage:
     """Validate pixel values, convert to RGB, resize, and build the PreparedImage."""
     cv2 = import_cv2()
@@ -316,7 +325,7 @@ def _prepare_array(
         arr = np.ascontiguousarray(arr)
 
     rgb = _to_rgb(cv2, arr, order)  # (H, W, 3), the caller's own array when no conversion was needed
-    resized = _resize(rgb, out_hw)  # (S_h, S_w, 3), same dtype
+    resized = _geometry(rgb, out_hw, preprocessing)  # (S_h, S_w, 3), same dtype
 
     chw = resized.transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S_h, S_w), fresh, contiguous
     if scale != 1.0:
@@ -380,6 +389,36 @@ def _resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     mid = cv2.resize(image, (min(in_w, out_w), min(in_h, out_h)), interpolation=cv2.INTER_AREA)
     mid = _keep_channels(mid, image)
     return _keep_channels(cv2.resize(mid, (out_w, out_h), interpolation=cv2.INTER_LINEAR), image)
+
+
+_FLAGS = {"bilinear": "INTER_LINEAR", "bicubic": "INTER_CUBIC", "nearest": "INTER_NEAREST"}
+
+
+def _geometry(image: np.ndarray, out_hw: tuple[int, int], pre: Preprocessing | None) -> np.ndarray:
+    """The card's resize (see `Preprocessing`): (h, w, C) -> (S_h, S_w, C), same dtype, a new array."""
+    if pre is None or (pre.resize == "square" and pre.interpolation == "area"):
+        return _resize(image, out_hw)
+    cv2 = import_cv2()
+    in_h, in_w = image.shape[:2]
+    if pre.resize == "square":
+        mid_hw = out_hw
+    else:  # shorter side to resize_to, aspect kept (never below the crop)
+        short = pre.shorter_side
+        scale = short / min(in_h, in_w)
+        mid_hw = (max(out_hw[0], round(in_h * scale)), max(out_hw[1], round(in_w * scale)))
+        if in_h <= in_w:
+            mid_hw = (short, mid_hw[1])
+        else:
+            mid_hw = (mid_hw[0], short)
+    if pre.interpolation == "area":
+        mid = _resize(image, mid_hw)
+    elif mid_hw == (in_h, in_w):
+        mid = image.copy()
+    else:
+        flag = getattr(cv2, _FLAGS[pre.interpolation])
+        mid = _keep_channels(cv2.resize(image, (mid_hw[1], mid_hw[0]), interpolation=flag), image)
+    top, left = (mid_hw[0] - out_hw[0]) // 2, (mid_hw[1] - out_hw[1]) // 2
+    return np.ascontiguousarray(mid[top : top + out_hw[0], left : left + out_hw[1]])
 
 
 def _keep_channels(resized: np.ndarray, source: np.ndarray) -> np.ndarray:

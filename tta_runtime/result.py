@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,22 @@ class Result:
         from tta_runtime.visual import overlay_masks
 
         return overlay_masks(self.image, self.masks, alpha=alpha, outlines=outlines)
+
+    def save(self, path: str | os.PathLike[str], *, overlay: bool = True) -> dict[str, Path]:
+        """Write this result to disk; return the files written by kind ("labels", "overlay", "json").
+
+        `path` gives the stem S of the files: an existing folder (or a path ending in "/") means
+        `folder/result`; a path ending in ".json" is the JSON file, the PNGs go beside it; any other path is
+        S itself (an image extension such as ".png" is refused: the result is several files). A segmenter
+        writes `S.labels.png` (the (H, W) slot ids as a lossless single-channel uint8 PNG; ids above 255
+        are refused), `S.overlay.png` (`overlay()`, unless `overlay=False`) and `S.json`; a classifier
+        writes `S.json` only. The JSON is `to_dict()` (a classifier's with `logits` and `probs`) plus
+        "files", the PNGs' names beside it; NaN is written as null. Existing regular files are replaced;
+        a folder, device, FIFO or link in the way raises `ConfigError` before anything is written.
+        """
+        from tta_runtime.result_io import save_result
+
+        return save_result(self, path, overlay=overlay)
 
     def to_dict(self, arrays: bool = False) -> dict[str, Any]:
         """JSON-ready summary; `arrays=True` adds the masks and segmentation (or logits) as nested lists."""

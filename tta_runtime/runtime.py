@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -28,18 +27,17 @@ import torch
 
 from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback, check_step_callback
 from tta_runtime.adapt.reset import ContinualPolicy
-from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, check_keywords, keywords_of, validate, with_overrides
+from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, check_keywords, keywords_of, split_overrides, validate, with_overrides
+from tta_runtime.calibration_run import folder_calibrations
+from tta_runtime.custom import check_trust, folder_model, folder_recipe
 from tta_runtime.device import resolve_device
-from tta_runtime.errors import ConfigError, InvalidInputError, ModelLoadError
-from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights
+from tta_runtime.errors import ConfigError, InvalidInputError
+from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
 from tta_runtime.frozen import FeaturePass, OODScore, features_with, ood_scores
 from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
-from tta_runtime.ood import DEFAULT_SCORER, Calibration, load_calibration
+from tta_runtime.ood import DEFAULT_CLASSIFIER_SCORER, load_calibration
 from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, segmenter_results
-from tta_runtime.prune import PRUNE_DIR, load_pruned
-from tta_runtime.registry import unknown_name_message
 from tta_runtime.result import Result
-from tta_runtime.models.build import build_model
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +50,7 @@ _REENTRANT = ("{what} from inside an on_step callback: the runtime is in the mid
               "the loop's); re-entrant adaptation and resets are refused and the call's weights are restored. "
               "Call predict() inside on_step, or {what} after adapt_and_predict returns")
 
-_RUNTIME_KEYS = set(RuntimeOptions.model_fields)
 _RECIPE_KEYS = set(AdaptConfig.model_fields)
-
-
-def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    unknown = set(overrides) - _RUNTIME_KEYS - _RECIPE_KEYS
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {sorted(unknown)}; runtime options: {sorted(_RUNTIME_KEYS)}; "
-            f"recipe fields: {sorted(_RECIPE_KEYS - {'name', 'description'})}"
-        )
-    runtime = {k: v for k, v in overrides.items() if k in _RUNTIME_KEYS}
-    recipe = {k: v for k, v in overrides.items() if k not in _RUNTIME_KEYS}
-    return runtime, recipe
 
 
 class Runtime:
@@ -81,12 +66,13 @@ class Runtime:
         self.folder = folder
         self.device = resolve_device(self.options.device)
         self.model = model.to(self.device).eval()
-        _refuse_non_finite({**self.model.state_dict(), **(optimizer_state or {}), **(fisher or {})}, folder or card.name)
+        refuse_non_finite({**self.model.state_dict(), **(optimizer_state or {}), **(fisher or {})}, folder or card.name)
         recipe = recipe or load_recipe(self.options.recipe)
         if self.options.mode is not None:
             recipe = with_overrides(recipe, {"mode": self.options.mode}, "recipe")
         self.recipe = recipe
         self._adapter = Adapter(self.model, recipe, training_optimizer_state=optimizer_state, fisher=fisher)
+        self._fisher = fisher
         self._lock = threading.RLock()  # re-entrant: an on_step callback may call predict()
         self._adapting = False  # inside the adaptation loop (under the lock): adapt_and_predict / reset refused
         # Continual adaptation has moved the weights away from the loaded ones, which the OOD calibration (and the
@@ -95,7 +81,7 @@ class Runtime:
         self._policy = ContinualPolicy(
             self.options.reset_every, self.options.collapse_window, self.options.collapse_entropy, self._adapter.num_classes
         )
-        self.calibration = self._load_calibration()
+        self._calibrations, self.calibration = folder_calibrations(self.folder, self.options, self.task)
         self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
         if self.options.backend == "onnxruntime" and self.options.prune is not None:
@@ -112,33 +98,23 @@ class Runtime:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str] | None = None, **overrides: Any) -> Runtime:
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str] | None = None, *, trust_code: bool = False, **overrides: Any) -> Runtime:
         """Load a model by repository name (None = the default model), folder, card or weights path.
 
         `overrides` are runtime options (`device`, `max_pixels`, `recipe`, `mode`) or recipe fields
-        (`steps`, `lr`, `params`, ...), validated; unknown names raise `ConfigError`.
+        (`steps`, `lr`, `params`, ...), validated; unknown names raise `ConfigError`. A folder written by
+        `save` names Python code ("python:package.module:function"): loading it imports and runs that code,
+        so it is refused (`ModelLoadError`, nothing run) unless `trust_code=True`.
         """
-        runtime_kw, recipe_kw = _split_overrides(overrides)
+        runtime_kw, recipe_kw = split_overrides(overrides)
         options = validate(RuntimeOptions, runtime_kw, "runtime options")
         folder = find_model(name_or_path)
         card = load_card(folder)
+        check_trust(card, folder, trust_code)  # before anything is built: the card is data, the builder is code
         if "recipe" not in runtime_kw:
-            options = with_overrides(options, {"recipe": card.default_recipe}, "runtime options")
+            options = with_overrides(options, {"recipe": folder_recipe(folder) or card.default_recipe}, "runtime options")
         recipe = load_recipe(options.recipe, **recipe_kw)
-        if options.prune is not None:
-            model, state = load_pruned(folder, card, options.prune)
-        else:
-            state = load_weights(folder, card)  # sha256 and finiteness checked before anything is built
-            model = build_model(card)
-        if card.external is not None:
-            from tta_runtime.models.encoders import load_into
-
-            load_into(model, state, str(folder))  # type: ignore[arg-type]
-        else:
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise ModelLoadError(f"weights in {folder} do not fit the card's architecture: {e}") from None
+        model = folder_model(folder, card, options.prune)
         optimizer_state = load_optimizer_state(folder, card)
         fisher = load_weights(folder, card, card.fisher) if card.fisher is not None else None
         return cls(
@@ -148,32 +124,83 @@ class Runtime:
     @classmethod
     def from_architecture(
         cls, source: str, name: str, *, weights: str | os.PathLike[str], num_classes: int, input_size: int = 224,
-        labels: list[str] | None = None, recipe: str = "tent", **overrides: Any,
+        labels: list[str] | None = None, recipe: str = "tent", preprocessing: Any = None, **overrides: Any,
     ) -> Runtime:
         """A torchvision or timm classifier by name with weights from a local file (nothing downloads).
 
         `source` "torchvision" | "timm" (each an optional extra; a missing one raises `ConfigError`
         naming it); `weights`: .safetensors, or a state dict read with `torch.load(weights_only=True)`.
-        Mismatched keys or shapes raise `ModelLoadError` naming them. `overrides` as in `from_pretrained`.
+        Mismatched keys or shapes raise `ModelLoadError` naming them. `preprocessing`: as in `from_module`
+        (default mean/std: ImageNet's). `overrides` as in `from_pretrained`.
         """
-        from tta_runtime.config import ExternalConfig, Preprocessing, WeightsSpec
-        from tta_runtime.models.encoders import build_external, load_into, load_state_dict_file
-        from tta_runtime.hub import sha256_file
+        from tta_runtime.custom import architecture_parts
 
-        ext = validate(ExternalConfig, {"source": source, "name": name, "num_classes": num_classes, "resolution": input_size}, "architecture")
-        model = build_external(ext)  # first: a missing extra is the first thing to say
-        path = Path(weights)
-        state = load_state_dict_file(path)
-        card = validate(ModelCard, {
-            "name": re.sub(r"[^a-z0-9_.-]", "-", f"{source}-{name}".lower()), "task": "classification",
-            "architecture": source, "external": ext, "labels": labels or [],
-            "preprocessing": Preprocessing(size=input_size), "weights": WeightsSpec(file=path.name, sha256=sha256_file(path)),
-            "default_recipe": recipe,
-        }, "model card")
-        runtime_kw, recipe_kw = _split_overrides({"recipe": recipe, **overrides})
-        options = validate(RuntimeOptions, {"load_calibration": False, **runtime_kw}, "runtime options")
-        load_into(model, state, str(path))
-        return cls(model, card, options=options, recipe=load_recipe(options.recipe, **recipe_kw), folder=None)
+        model, card, options, cfg = architecture_parts(
+            source, name, weights=weights, num_classes=num_classes, input_size=input_size, labels=labels, recipe=recipe,
+            preprocessing=preprocessing, overrides=overrides,
+        )
+        return cls(model, card, options=options, recipe=cfg, folder=None)
+
+    @classmethod
+    def from_module(
+        cls, module: torch.nn.Module, *, task: str = "classification", input_size: int, labels: list[str] | None = None,
+        preprocessing: Any = None, recipe: str = "tent", features: str | None = None, name: str = "custom-model",
+        **overrides: Any,
+    ) -> Runtime:
+        """Any classifier `nn.Module` (forward: (B, 3, S, S) -> logits (B, C), or a dataclass / dict with `logits`).
+
+        The runtime adapts its own copy (BatchNorm2d made batch-1 safe; norm affine parameters adapt; rotation
+        TTT is refused: no rotation head). `preprocessing`: a `Preprocessing` or a dict of its fields, of size
+        `input_size`. OOD features: the last `nn.Linear`'s input, or the output of the submodule `features`.
+        See `tta_runtime.custom`; `calibrate` fits OOD scorers and Fisher, `save` writes a folder."""
+        from tta_runtime.custom import module_parts
+
+        model, card, options, cfg = module_parts(
+            module, task=task, input_size=input_size, labels=labels, preprocessing=preprocessing, recipe=recipe,
+            features=features, name=name, overrides=overrides,
+        )
+        return cls(model, card, options=options, recipe=cfg, folder=None)
+
+    def calibrate(
+        self, images: Any, labels: Any = None, *, channel_order: str = "rgb", tpr: float = 0.99, holdout: float = 0.2,
+        scorers: list[str] | None = None, fisher: bool = True, progress: Any = None,
+    ) -> Any:
+        """Fit every OOD scorer (and EATA's Fisher) on in-distribution `images` (a batch, as `predict` takes).
+
+        `labels` (N,) class indices, or None: the model's predictions stand in. A seeded `holdout` share sets
+        each threshold at `tpr` (0.99: the held-out images are usually training images, tighter than new ones). Afterwards `is_ood` uses the default classifier scorer (or `ood_scorer`), and
+        `save` writes every calibration. `progress(done, total, stage)` after every chunk. Returns a
+        `CalibrationReport`."""
+        from tta_runtime.calibration_run import calibrate_classifier
+
+        with self._lock:
+            if self._adapting or self._weights_moved:
+                raise ConfigError("calibrate() describes the loaded weights: call it outside on_step, after reset() in continual mode")
+            items, _ = self._items(images)
+            report = calibrate_classifier(
+                self.model, self.card, lambda chunk: torch.cat([p.tensor for p in self._prepare(list(chunk), channel_order)]),
+                items, labels, device=self.device, default=self.options.ood_scorer or DEFAULT_CLASSIFIER_SCORER, tpr=tpr,
+                holdout=holdout, scorers=scorers, fisher=fisher, progress=progress,
+            )
+            self._calibrations, self.calibration = report.calibrations, report.calibrations[report.default]
+            if report.fisher is not None:
+                self._fisher = report.fisher
+                self._adapter = Adapter(self.model, self.recipe, training_optimizer_state=self._adapter.training_optimizer_state,
+                                        fisher=report.fisher)
+        return report
+
+    def save(self, folder: str | os.PathLike[str], *, builder: str | None = None, name: str | None = None,
+             overwrite: bool = False) -> Path:
+        """Write a model folder (card naming "python:<builder>", safetensors weights with sha256, Fisher, ood/, recipe)
+        that `from_pretrained(folder, trust_code=True)` loads. `builder`: "package.module:function" returning the
+        network (checked here: built, loaded, one forward compared)."""
+        from tta_runtime.save import save_folder
+
+        with self._lock:
+            if self._adapting or self._weights_moved:
+                raise ConfigError("save() writes the loaded weights: call it outside on_step, after reset() in continual mode")
+            return save_folder(Path(folder), model=self.model, card=self.card, recipe=self.recipe, calibrations=self._calibrations,
+                               fisher=self._fisher, builder=builder, name=name, overwrite=overwrite)
 
     @property
     def name(self) -> str:
@@ -393,24 +420,6 @@ class Runtime:
             raise ConfigError(f"unknown adaptation option(s) {sorted(unknown)}; recipe fields: {sorted(_RECIPE_KEYS)}")
         return with_overrides(base, overrides, "recipe")
 
-    def _load_calibration(self) -> Calibration | None:
-        """The calibrated OOD scorer from `<model folder>/ood/`, if the folder has one."""
-        if not self.options.load_calibration:
-            return None
-        folder = self.folder
-        if folder is not None and self.options.prune is not None:
-            folder = folder / PRUNE_DIR / self.options.prune  # a pruned model's scores need their own calibration
-        has = folder is not None and (folder / "ood").is_dir()
-        if not has:
-            if self.options.adapt == "when_ood" or self.options.ood_scorer is not None:
-                load_calibration(folder or Path("."))  # raises, saying how to fit one
-            return None
-        cals = load_calibration(folder)  # type: ignore[arg-type]
-        name = self.options.ood_scorer or (DEFAULT_SCORER if DEFAULT_SCORER in cals else sorted(cals)[0])
-        if name not in cals:
-            raise ConfigError(unknown_name_message("calibrated OOD scorer", name, list(cals)))
-        return cals[name]
-
     def _fixed_masks(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
         """A pruned model decides its masks on the adaptation loop's first forward of `x` (the recipe's
         normalisation, before any update) and every later step reuses them."""
@@ -434,7 +443,9 @@ class Runtime:
         if gate not in ("always", "never", "when_ood"):
             raise ConfigError(f"adapt must be 'always', 'never' or 'when_ood', got {gate!r}")
         if gate == "when_ood" and self.calibration is None:
-            load_calibration(self.folder or Path("."))  # raises, saying how to fit one
+            if self.folder is None:
+                raise ConfigError("adapt='when_ood' needs a calibrated OOD scorer: call rt.calibrate(in_distribution_images) first")
+            load_calibration(self.folder)  # raises, saying how to fit one
         return gate
 
     def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODScore]]:
@@ -466,7 +477,7 @@ class Runtime:
         for i, item in enumerate(items):
             try:
                 prepared.append(prepare_image(
-                    item, size=self.input_size, channel_order=channel_order, max_pixels=self.options.max_pixels
+                    item, preprocessing=self.card.preprocessing, channel_order=channel_order, max_pixels=self.options.max_pixels
                 ))
             except InvalidInputError as e:
                 if len(items) == 1:
@@ -487,11 +498,3 @@ class Runtime:
             steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
         )
 
-
-def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: object) -> None:
-    """`ModelLoadError` when a loaded float tensor (weights, buffers, optimizer moments, Fisher) holds NaN or
-    Inf: such a model answers every input with NaN masks or probabilities, whatever its card's sha256 says."""
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ModelLoadError(f"the model in {where} has NaN or Inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: the "
-                             "weights are corrupt or diverged; re-download the model, or re-export it from a finite checkpoint")

@@ -134,17 +134,32 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> pathlib.Path:
         ValueError: bad array or a path that does not end in .png.
         OSError: the file could not be written (the message names the path).
     """
-    cv2 = import_cv2()
     _check_rgb(rgb, "rgb")
     target = pathlib.Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"save_png writes PNG files; the path must end in .png, got {str(target)!r}")
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"OpenCV could not encode a PNG for {str(target)!r}")
     # Writing the encoded bytes ourselves (rather than cv2.imwrite) gives a clear error with the reason on
     # failure, works for non-ASCII paths on every platform, and never writes into a special file.
-    return atomic_write(target, encoded.tobytes(), "PNG file")
+    return atomic_write(target, encode_png(rgb), "PNG file")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """The bytes of a lossless PNG of `image`: (H, W, 3) uint8 RGB, or (H, W) uint8 / uint16 gray (a label map).
+
+    Raises:
+        ValueError: any other array.
+        OSError: OpenCV could not encode it.
+    """
+    cv2 = import_cv2()
+    if isinstance(image, np.ndarray) and image.ndim == 2 and image.dtype in (np.uint8, np.uint16):
+        bgr = image
+    else:
+        _check_rgb(image, "image")
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+    if not ok:
+        raise OSError(f"OpenCV could not encode a PNG of shape {image.shape}")
+    return encoded.tobytes()
 
 
 def loss_curve(

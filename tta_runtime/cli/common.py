@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 # Optional packages and the extra that installs each (pyproject.toml's [project.optional-dependencies]).
 EXTRAS = {
     "onnx": "onnx", "onnxruntime": "onnx", "tensorrt": "tensorrt", "sklearn": "digits", "torchvision": "torchvision",
-    "timm": "timm",
+    "timm": "timm", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve", "prometheus_client": "serve", "ray": "ray",
 }
 
 
@@ -117,7 +117,11 @@ def fail(message: str) -> int:
     """One error line on stderr (a message of several lines is joined with '; '); the exit status of a usage error."""
     parts = [line.strip().removeprefix("- ") for line in str(message).splitlines()]
     text = "; ".join(p for p in parts if p).replace(":;", ":")
-    print(f"error: {text or 'failed'}", file=sys.stderr)
+    line = f"error: {text or 'failed'}"
+    if "tqdm" in sys.modules and getattr(sys.modules["tqdm"].tqdm, "_instances", None):  # a bar is drawn: a line of its own
+        sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
     return 2
 
 

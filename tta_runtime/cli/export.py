@@ -10,7 +10,7 @@ from tta_runtime.cli.common import busy, command_line, echo, output_path, write_
 def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model name or folder (default: the default shipped model)")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="tensorrt needs the [tensorrt] extra")
-    p.add_argument("--part", default="predictor", help="encoder | predictor | predictor_ood")
+    p.add_argument("--part", default="predictor", help="encoder | predictor | predictor_ood (classifiers: predictor | predictor_ood)")
     p.add_argument("--out", default=None, help="output file (default <model>-<part>.onnx); the manifest goes to OUT.json")
     p.add_argument("--half", action="store_true", help="float16 graph")
     p.add_argument("--dynamic", default=None,
@@ -21,6 +21,8 @@ def add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", type=float, default=None, help="TensorRT workspace in GiB")
     p.add_argument("--n-verify", type=int, default=20, help="random images in the parity check (1..1000)")
     p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--trust-code", action="store_true",
+                   help="export a folder whose card names Python code ('python:package.module:function'): imports and runs it")
     p.set_defaults(func=_export)
 
 
@@ -34,7 +36,7 @@ def _export(args: argparse.Namespace) -> int:
     check_n_verify(args.n_verify)  # the request's limits, before loading anything
     output_path(args.out, "--out")
     parse_dynamic(args.dynamic)
-    rt = Runtime.from_pretrained(args.model, device=args.device)
+    rt = Runtime.from_pretrained(args.model, device=args.device, trust_code=args.trust_code)
     with busy(args, f"export {args.format}"):
         res = export(
             rt.model, rt.card, args.format, args.out, part=args.part, half=args.half, dynamic=args.dynamic,

@@ -2,13 +2,15 @@
 
     tta-runtime demo                     adapt the default model on the bundled OOD sample; print, write an overlay
     tta-runtime list | info [MODEL]      shipped models and recipes | a model's card
-    tta-runtime predict IMAGE [--adapt]  segment (and optionally adapt on) your own image
+    tta-runtime predict IMAGE|DIR|GLOB... [--save DIR] [--adapt]   predict on your own images
     tta-runtime eval                     before/after adaptation metrics per split, with bootstrap intervals
     tta-runtime ood fit | ood eval       calibrate the OOD scorers | their AUROC per split
+    tta-runtime calibrate --model M --images DIR   fit OOD scorers (and EATA's Fisher) on your own images
     tta-runtime train segmenter | unet | classifier | ftwt    train a model (resumable where it says so)
+    tta-runtime serve [--model M]        the HTTP API and a page to try it (embedded uvicorn server)
     tta-runtime stream SOURCE            segment a video frame by frame with continual adaptation
     tta-runtime export | doctor          the frozen path to ONNX / TensorRT | what is installed
-    tta-runtime bench gate | adapt | tta | prune | stream | backends
+    tta-runtime bench gate | adapt | tta | prune | stream | backends | serve
 
 Every command takes -v/--verbose and -q/--quiet (before or after its name); those with a JSON result take
 `--json PATH` (write) or `--json -` (print); long ones show one progress bar and take `--no-progress`.
@@ -24,7 +26,7 @@ import json
 import logging
 import sys
 
-from tta_runtime.cli import bench, evaluate, export, models, train, video
+from tta_runtime.cli import bench, bench_serve, calibrate, evaluate, export, models, serve, train, video
 from tta_runtime.cli.common import (
     EXTRAS,
     Command,
@@ -43,15 +45,19 @@ COMMANDS: tuple[Command, ...] = (
     Command("demo", models.add_demo, "adapt the default model on the bundled OOD sample image", json=True, long=True),
     Command("list", models.add_list, "shipped models and recipes", json=True),
     Command("info", models.add_info, "print a model's card (JSON)", json=True),
-    Command("predict", models.add_predict, "segment one image (optionally adapting first); prints the result as JSON", json=True),
+    Command("predict", models.add_predict, "predict (optionally adapting first) on image files, folders or globs; "
+            "prints the result as JSON, or --save DIR writes label maps, overlays, JSON and a summary", json=True, long=True),
     Command("eval", evaluate.add_eval, "before/after adaptation metrics per split", json=True, long=True),
     Command("ood fit", evaluate.add_ood_fit, "calibrate the OOD scorers on in-distribution inputs; saved in the model folder", long=True),
     Command("ood eval", evaluate.add_ood_eval, "AUROC / FPR@95 / AUPR per OOD split and scorer", json=True, long=True),
+    Command("calibrate", calibrate.add_calibrate, "fit the OOD scorers (and EATA's Fisher) on your own in-distribution images; "
+            "saved in the model folder", json=True, long=True),
     Command("train segmenter", train.add_segmenter, "train a slot segmenter on generated scenes (resumable)", long=True),
     Command("train unet", train.add_unet, "train the supervised U-Net baseline (no slot bottleneck; resumable)", long=True),
     Command("train classifier", train.add_classifier, "train a digits CNN classifier", long=True, extra="digits"),
     Command("train ftwt", train.add_ftwt, "train FTWT channel-pruning predictors: a pruned variant into the model folder",
             long=True, extra="digits"),
+    Command("serve", serve.add_serve, "the HTTP API and a page to try it, on the embedded uvicorn server", extra="serve"),
     Command("stream", video.add_stream, "segment a video (file, camera, URL) frame by frame with continual adaptation",
             json=True, long=True),
     Command("export", export.add_export, "export a model's frozen path to ONNX or TensorRT, verified against PyTorch",
@@ -67,6 +73,8 @@ COMMANDS: tuple[Command, ...] = (
             json=True, long=True, extra="digits"),
     Command("bench stream", bench.add_stream, "memory over a long stream: peak RSS growth after the warm-up frames",
             json=True, long=True),
+    Command("bench serve", bench_serve.add_serve, "HTTP load on a local server: throughput, p50/p95/p99, status counts, RSS, "
+            "beside an in-process predict loop", json=True, long=True, extra="serve"),
     Command("bench backends", bench.add_backends, "latency/throughput of the frozen path per backend (PyTorch, ONNX Runtime, TensorRT)",
             json=True, long=True, extra="onnx"),
 )

@@ -1,7 +1,8 @@
 """Deployment: export the frozen path to ONNX / TensorRT, write adapted weights into it, run it.
 
     options.py      the export request (ExportOptions, DynamicShapes), opset limits, I/O specs, input checks
-    kinds.py        how an architecture becomes graphs: parts, wrappers, I/O specs (EXPORTERS)
+    kinds.py        how an architecture becomes graphs: parts, wrappers, I/O specs (EXPORTERS); the slot segmenter
+    classifier_kind.py  every classifier (digits CNNs, torchvision / timm, from_module models)
     graph.py        ONNX graph tools: initializers by state-dict name, write_weights, manifests, digests
     export.py       export and verify against PyTorch
     onnxruntime.py  OnnxRuntimeBackend: explicit providers, checked inputs, IOBinding
@@ -14,6 +15,7 @@
 `MissingExtraError` (a `BackendUnavailableError`) naming the extra to install.
 """
 
+from tta_runtime.deploy import classifier_kind  # noqa: F401 - registers the classifier export kind
 from tta_runtime.deploy.doctor import doctor
 from tta_runtime.deploy.engine_plan import (
     EngineBuild,

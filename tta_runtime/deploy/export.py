@@ -130,7 +130,7 @@ def export_onnx_bytes(
     random_ops = sorted({n.op_type for n in proto.graph.node} & _RANDOM_OPS)
     if random_ops:
         raise ExportError(f"the graph contains random ops {random_ops}: slot initialisation must use the learned value")
-    initializer_map(proto, work, prefixes=kind.weight_prefixes(opts.part))
+    initializer_map(proto, work, prefixes=kind.model_prefixes(work, opts.part))
     for key, value in (("tta_runtime.model", card.name), ("tta_runtime.part", opts.part), ("tta_runtime.precision", opts.precision)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -340,7 +340,7 @@ def export(
     stage("onnx", t0, f"{opts.part} at opset {opts.opset}, {opts.precision}, {len(data) / 1e6:.2f} MB, onnx.checker passed")
 
     state = model.state_dict()
-    names = state_names(model, kind.weight_prefixes(opts.part))
+    names = state_names(model, kind.model_prefixes(model, opts.part))
     manifest: dict[str, Any] = {
         "format_version": MANIFEST_FORMAT,
         "kind": "onnx",
@@ -359,6 +359,7 @@ def export(
         "dynamic": opts.dynamic.model_dump(mode="json") if opts.dynamic is not None else None,
         "resize_in_graph": bool(opts.dynamic is not None and opts.dynamic.size is not None),
         "model_size": card.preprocessing.size,
+        "preprocessing": kind.input_info(card, opts),
         "ood": kind.ood_info(card, opts.part, calibration),
         "weights": {
             "tensors": {n: {"shape": list(s), "dtype": "float16" if opts.half else "float32"} for n, s in names.items()},

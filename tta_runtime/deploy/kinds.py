@@ -66,8 +66,36 @@ class ExportKind:
         """State-dict prefixes of the tensors the part's graph reads (None = all of them)."""
         return None
 
+    def model_prefixes(self, model: nn.Module, part: str) -> tuple[str, ...] | None:
+        """`weight_prefixes` for this very model (a kind whose models differ in layout overrides it)."""
+        return self.weight_prefixes(part)
+
     def ood_info(self, card: ModelCard, part: str, calibration: Calibration | None) -> dict[str, Any] | None:
-        return None
+        """What the "predictor_ood" part's "ood_score" is: the calibration's scorer and threshold, else `uncalibrated_ood`."""
+        if part != "predictor_ood":
+            return None
+        if calibration is not None:
+            return {"scorer": calibration.scorer, "threshold": calibration.threshold, "tpr": calibration.tpr,
+                    "embedding": calibration.embedding, "calibration_weights_sha256": calibration.weights_sha256}
+        return self.uncalibrated_ood(card)
+
+    def uncalibrated_ood(self, card: ModelCard) -> dict[str, Any]:
+        """The "ood_score" of a graph exported without a calibration."""
+        raise NotImplementedError
+
+    def input_info(self, card: ModelCard, opts: ExportOptions) -> dict[str, Any]:
+        """What the graph's "image" input is and which resize the caller applies (the manifest's "preprocessing")."""
+        pre = card.preprocessing
+        resized = opts.dynamic is not None and opts.dynamic.size is not None
+        return {
+            "graph_input": "RGB float in [0, 1], (B, 3, H, W) in the dynamic size range" if resized
+            else f"RGB float in [0, 1] at the model size, (B, 3, {pre.size}, {pre.size})",
+            "resize": f"in the graph: bilinear to {pre.size}x{pre.size} (half-pixel centres, no antialiasing; not the "
+            "runtime's area averaging)" if resized else f"by the caller, before the graph: {pre.describe()}",
+            "runtime_function": "tta_runtime.inputs.prepare_image(image, preprocessing=Preprocessing(**card['preprocessing']))",
+            "in_graph": "everything after the resize: the model's own normalisation (card preprocessing mean/std, channel order)",
+            "card": pre.model_dump(mode="json"),
+        }
 
 
 EXPORTERS: Registry[ExportKind] = Registry("exportable architecture")
@@ -75,8 +103,9 @@ WRAPPER_PREFIX = "model."
 
 
 def export_kind(card: ModelCard) -> ExportKind:
-    """The registered export kind of the card's architecture (`UnknownNameError` lists the known ones)."""
-    return EXPORTERS.get(card.architecture)
+    """The registered export kind of the card's architecture (`UnknownNameError` lists the known ones);
+    every "python:package.module:function" card is the kind registered as "python"."""
+    return EXPORTERS.get("python" if card.architecture.startswith("python:") else card.architecture)
 
 
 def check_part(kind: ExportKind, part: str) -> None:
@@ -184,12 +213,7 @@ class SegmenterExport(ExportKind):
     def weight_prefixes(self, part: str) -> tuple[str, ...] | None:
         return ("encoder.",) if part == "encoder" else None
 
-    def ood_info(self, card: ModelCard, part: str, calibration: Calibration | None) -> dict[str, Any] | None:
-        if part != "predictor_ood":
-            return None
-        if calibration is not None:
-            return {"scorer": calibration.scorer, "threshold": calibration.threshold, "tpr": calibration.tpr,
-                    "embedding": calibration.embedding, "calibration_weights_sha256": calibration.weights_sha256}
+    def uncalibrated_ood(self, card: ModelCard) -> dict[str, Any]:
         if card.ood is not None:
             return {"scorer": "recon_mse_z", "threshold": None, "mean": card.ood.recon_mse_mean, "std": card.ood.recon_mse_std}
         return {"scorer": "recon_mse", "threshold": None}

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from tta_runtime.data.digits import CORRUPTIONS, corrupt, load_digits
 from tta_runtime.evaluation.ood import detection_metrics
 from tta_runtime.models.classifier import set_norm_mode
-from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_TPR, Calibration, OODFeatures, calibrate, make_scorer
+from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_TPR, Calibration, OODFeatures
+from tta_runtime.ood.fit import fit_calibrations
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,10 @@ def fit_ood_classifier(
     size = model.cfg.resolution  # type: ignore[attr-defined]
     train_x, train_y = load_digits("train", size)
     val_x, _ = load_digits("val", size)
-    fit_feats, thr_feats = classifier_features(model, train_x), classifier_features(model, val_x)
-    out = {}
-    for name in scorers:
-        s = make_scorer(name)
-        s.fit(fit_feats, train_y)
-        out[name] = calibrate(
-            s, thr_feats, tpr=tpr, n_images=len(train_x), split="digits:train (threshold: digits:val)", seed=0,
-            weights_sha256=weights_sha256,
-        )
-        log.info("classifier OOD scorer %s: threshold %.4g", name, out[name].threshold)
-    return out
+    return fit_calibrations(
+        classifier_features(model, train_x), classifier_features(model, val_x), labels=train_y, scorers=scorers, tpr=tpr,
+        split="digits:train (threshold: digits:val)", seed=0, embedding="encoder", weights_sha256=weights_sha256,
+    )
 
 
 def eval_ood_classifier(

@@ -19,7 +19,7 @@ def build_model(card: ModelCard) -> torch.nn.Module:
     if card.external is not None:
         from tta_runtime.models.encoders import build_external
 
-        return build_external(card.external)
+        return build_external(card.external, card.preprocessing)
     try:
         if card.task == "classification":
             from tta_runtime.models.classifier import build_classifier

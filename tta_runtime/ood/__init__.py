@@ -16,8 +16,10 @@ Every scorer needs only one forward pass. `score` computes in float64 numpy (wha
 graph can carry it, with the fitted state as constants.
 
 Detection metrics (AUROC, AUPR, FPR at a TPR) and RankMe, a set-level statistic over a window of
-embeddings for streams, are in metrics.py. Fitting and evaluating calibrations on generated scenes is lab
-work: `tta_runtime.evaluation.ood` (segmenters) and `tta_runtime.evaluation.ood_classifier`.
+embeddings for streams, are in metrics.py. `fit_calibrations` (fit.py) fits scorers on given features and
+thresholds them on held-out ones (`Runtime.calibrate` uses it on the user's images). Fitting and evaluating
+calibrations on generated scenes and digits is lab work: `tta_runtime.evaluation.ood` (segmenters) and
+`tta_runtime.evaluation.ood_classifier`.
 """
 
 from tta_runtime.ood.calibration import (
@@ -55,6 +57,7 @@ from tta_runtime.ood.metrics import (
 )
 from tta_runtime.ood.scorers import (
     CLASSIFIER_SCORERS,
+    DEFAULT_CLASSIFIER_SCORER,
     DEFAULT_SCORER,
     SCORERS,
     SEGMENTER_SCORERS,
@@ -74,6 +77,7 @@ __all__ = [
     "CALIBRATION_JSON",
     "CALIBRATION_NPZ",
     "CLASSIFIER_SCORERS",
+    "DEFAULT_CLASSIFIER_SCORER",
     "DEFAULT_EMBEDDING",
     "DEFAULT_SCORER",
     "DEFAULT_TPR",

@@ -186,6 +186,8 @@ def embedding_width(card: ModelCard, embedding: str) -> int | None:
     """The width D of the embedding a model hands its feature scorers (None when the card does not say)."""
     if card.classifier is not None:
         return card.classifier.widths[-1]
+    if card.module is not None:
+        return card.module.feature_dim
     if card.segmenter is not None:
         return card.segmenter.slot_dim * (2 if embedding == "encoder_meanstd" else 1)
     return None

@@ -36,6 +36,10 @@ from tta_runtime.registry import Registry
 # The scorer the runtime reports when a calibration holds several: the reconstruction-error z-score
 # (needs nothing but the forward pass). No scorer is clearly better on every shift.
 DEFAULT_SCORER = "recon_error"
+# The scorer a classifier reports when its calibration holds several: chosen on far shifts (natural photos
+# against digits) and near shifts (the corruption suite) together; the AUROC table and its command are in
+# docs/custom_models.md. The logit scorers (energy, MSP) pass confident photos as digits.
+DEFAULT_CLASSIFIER_SCORER = "mahalanobis"
 SEGMENTER_SCORERS: tuple[str, ...] = ("recon_error", "mask_entropy", "mask_disagreement", "knn", "mahalanobis")
 CLASSIFIER_SCORERS: tuple[str, ...] = (
     "msp", "max_logit", "energy", "softmax_entropy", "mahalanobis", "rmd", "knn", "vim"

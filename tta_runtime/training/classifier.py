@@ -52,7 +52,6 @@ from tta_runtime.models.classifier import (
     CNNClassifier,
     build_classifier,
     images_to_tensor,
-    norm_parameters,
     rotate_quarters,
     set_norm_mode,
 )
@@ -272,16 +271,9 @@ def diagonal_fisher(model: CNNClassifier, images: np.ndarray) -> dict[str, torch
     ``images``: (N, S, S, 3) uint8. Each image is a batch of one; the model is used as it is set (the
     training script passes it in eval() with source statistics). Returns float32 tensors by parameter name.
     """
-    params = norm_parameters(model)
-    names, tensors = list(params), list(params.values())
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    with torch.enable_grad():
-        for i in range(len(images)):
-            logits = model(images_to_tensor(images[i : i + 1])).logits  # (1, C)
-            loss = F.cross_entropy(logits, logits.argmax(1).detach())
-            for n, g in zip(names, torch.autograd.grad(loss, tensors)):
-                fisher[n] += g.detach() ** 2
-    return {n: f / len(images) for n, f in fisher.items()}
+    from tta_runtime.adapt.fisher import fisher_information
+
+    return fisher_information(model, ((images_to_tensor(images[i : i + 1]), None) for i in range(len(images))))
 
 
 def _metrics(
