@@ -56,6 +56,9 @@ def test_wheel_contents(wheel: pathlib.Path):
         "tta_runtime/__init__.py",
         "tta_runtime/py.typed",
         "tta_runtime/assets/ood_sample.png",
+        "tta_runtime/serve/static/index.html",  # the server's page travels inside the package
+        "tta_runtime/serve/static/app.js",
+        "tta_runtime/serve/static/style.css",
         "tta_runtime/_shipped/models/slot-shapes-32/card.json",
         "tta_runtime/_shipped/adapters/slot_tta.toml",
         "tta_runtime/_shipped/adapters/slot_tta_fast.toml",

@@ -125,6 +125,23 @@ def test_batched_predictions_equal_one_at_a_time(cluster):
         assert body["ood"]["score"] == pytest.approx(local.ood_score, rel=1e-4, abs=1e-6)
 
 
+def test_batched_adaptations_equal_one_at_a_time(cluster):
+    """Episodic adapt requests with a recipe that has an [execution] section are adapted together (each image
+    with its own weights); each answer matches that image adapted alone in this process."""
+    images = [variant(k) for k in range(6)]
+    path = "/v1/adapt?recipe=slot_tta_batched&steps=3"
+    got = parallel(lambda img: cluster.request("POST", path, img, PNG), [(img,) for img in images], threads=6)
+    assert all(s == 200 for s, _, _ in got), [b[:200] for s, _, b in got if s != 200]
+    bodies = [json.loads(b) for _, _, b in got]
+    assert max(b["batched"] or 1 for b in bodies) > 1, "no two adaptations ran together"
+    rt = Runtime.from_pretrained(SEG, recipe="slot_tta_batched", steps=3)
+    for img, body in zip(images, bodies):
+        local = rt.adapt_and_predict(cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR), channel_order="bgr")
+        assert body["adaptation"]["steps_run"] == local.adaptation.steps_run == 3
+        np.testing.assert_allclose(body["adaptation"]["losses"], local.adaptation.losses, rtol=1e-3)
+        assert body["segmentation"]["recon_mse"] == pytest.approx(local.recon_mse, rel=1e-3)
+
+
 def test_a_killed_replica_costs_only_503s_and_comes_back(cluster):
     before = set(ray_app.replica_actors(RAY))
     # sessions until one lives on each replica; the first replica's will be killed

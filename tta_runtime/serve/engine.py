@@ -212,32 +212,40 @@ class Engine:
             body["session"] = {"id": session.id, "status": status, "frame": session.frames}
             return body
 
-    def work_batch(self, deadline: float, items: list[tuple[bytes, str, dict[str, Any]]]) -> list[Any]:
-        """Several predict requests (no session) in one forward pass per model: one body, or the `ServeError`
-        of that request, per item. Outputs match one-at-a-time `work` within float tolerance."""
+    def work_batch(self, deadline: float, items: list[tuple[bytes, str, dict[str, Any]]], adapt: bool = False) -> list[Any]:
+        """Several requests without a session, run together: predicts in one forward pass per model; episodic
+        adaptations (`adapt`) of a segmenter whose recipe has an `[execution]` section at once, each image with
+        its own weights (`adapt.batched`), grouped by their options. One body, or the `ServeError` of that
+        request, per item; each matches its request run alone within float tolerance."""
         if time.monotonic() > deadline:
             raise Cancelled()
         out: list[Any] = [None] * len(items)
-        groups: dict[str, list[tuple[int, np.ndarray]]] = {}
+        groups: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
+        calls: dict[tuple[str, str], dict[str, Any]] = {}
         for i, (data, where, opts) in enumerate(items):
             try:
                 loaded = self.model(opts.get("model"))
-                groups.setdefault(loaded.name, []).append((i, decode_image(data, self.settings.max_pixels, where)))
+                call = self._adapt_options(opts, loaded.card.task) if adapt else {}
+                key = (loaded.name, repr(sorted(call.items())))
+                calls[key] = call
+                groups.setdefault(key, []).append((i, decode_image(data, self.settings.max_pixels, where)))
             except ServeError as e:
                 out[i] = e
             except TTARuntimeError as e:
                 out[i] = runtime_error_status(e)
-        for name, members in groups.items():
-            loaded = self.models[name]
+        for key, members in groups.items():
+            loaded, call = self.models[key[0]], calls[key]
             rt = loaded.pool.get_nowait()
+            run = (lambda x: rt.adapt_and_predict(x, channel_order="bgr", **call)) if adapt else \
+                (lambda x: rt.predict(x, channel_order="bgr"))
             try:
                 try:
-                    results = rt.predict([image for _, image in members], channel_order="bgr")
+                    results = run([image for _, image in members])
                 except TTARuntimeError:  # one bad image: answer each on its own, so the others still succeed
                     results = [None] * len(members)
                 for (i, image), res in zip(members, results):
                     try:
-                        res = res if res is not None else rt.predict(image, channel_order="bgr")
+                        res = res if res is not None else run(image)
                         out[i] = self._body(rt, loaded, res, items[i][2])
                         out[i]["batched"] = len(members)
                     except TTARuntimeError as e:
@@ -245,6 +253,21 @@ class Engine:
             finally:
                 loaded.pool.put(rt)
         return out
+
+    def batchable_adapt(self, opts: dict[str, Any]) -> bool:
+        """Whether an episodic adapt request may join others (`work_batch`): a segmenter whose recipe (the
+        request's or the runtime's) has an `[execution]` section. A classifier's batch would share batch
+        statistics, so its requests are never batched."""
+        loaded = self.model(opts.get("model"))
+        if loaded.card.task != "segmentation":
+            return False
+        name = opts.get("recipe")
+        if name is not None and name not in self.recipes:
+            return False  # refused with its own message on the one-by-one path
+        from tta_runtime.hub import load_recipe
+
+        recipe = load_recipe(name) if name is not None else loaded.runtimes[0].recipe
+        return recipe.execution is not None and recipe.mode == "episodic"
 
     def _adapt_options(self, opts: dict[str, Any], task: str) -> dict[str, Any]:
         call = {k: opts[k] for k in ("steps", "lr", "recipe", "adapt") if opts.get(k) is not None}

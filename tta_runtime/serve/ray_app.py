@@ -12,9 +12,10 @@ through a Serve handle. The front is an ingress deployment (`serve.ingress`).
   ("restarted_after_replica_loss").
 - **Dead replicas.** A request in flight on a replica that dies is answered with a 503 JSON error, so the
   client knows to retry.
-- **Batching.** Concurrent predict requests are gathered by `serve.batch` into one forward pass per model
-  (`RaySettings.max_batch_size`, `batch_wait_timeout_s`). Adapt requests run one by one, because each adapts
-  to its own image.
+- **Batching.** `serve.batch` gathers concurrent predict requests into one forward pass per model
+  (`RaySettings.max_batch_size`, `batch_wait_timeout_s`). It also gathers episodic adapt requests to a
+  segmenter whose recipe has an `[execution]` section (e.g. `recipe=slot_tta_batched`): they are adapted at
+  once, each image with its own weights. Other adapt requests run one by one.
 
 Only this module imports Ray. `app_builder(args)` is the import path that a Serve config names
 (`tta-runtime serve --ray --config-out serve.yaml`).
@@ -70,8 +71,9 @@ class Worker:
             name=f"{self.ray_settings.app_name}-sessions", namespace="tta-runtime", get_if_exists=True, lifetime="detached",
         ).remote()
         self.engine.sessions.claim = lambda sid: ray.get(registry.claim.remote(sid, self.engine.replica))
-        self._predict_batch.set_max_batch_size(self.ray_settings.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self.ray_settings.batch_wait_timeout_s)
+        for batch in (self._predict_batch, self._adapt_batch):
+            batch.set_max_batch_size(self.ray_settings.max_batch_size)
+            batch.set_batch_wait_timeout_s(self.ray_settings.batch_wait_timeout_s)
         self.engine.start()
         # Serve routes to a replica once its constructor returns: not before its models are loaded and warm.
         if not self.engine.wait_ready() and self.engine.failed:
@@ -96,8 +98,8 @@ class Worker:
     async def submit(self, data: bytes, where: str, opts: dict[str, Any], adapt: bool, session_id: str | None) -> dict[str, Any]:
         if session_id is not None:
             await self._session(session_id)  # tells Serve's router that this replica holds the session
-        elif not adapt and self.ray_settings.max_batch_size > 1:
-            out = await self._predict_batch((data, where, opts))
+        elif self.ray_settings.max_batch_size > 1 and (not adapt or self.engine.batchable_adapt(opts)):
+            out = await (self._adapt_batch if adapt else self._predict_batch)((data, where, opts))
             if isinstance(out, Exception):
                 raise out
             return out
@@ -110,6 +112,10 @@ class Worker:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, items: list[tuple[bytes, str, dict[str, Any]]]) -> list[Any]:
         return await self.engine.run(self.engine.work_batch, items)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _adapt_batch(self, items: list[tuple[bytes, str, dict[str, Any]]]) -> list[Any]:
+        return await self.engine.run(self.engine.work_batch, items, True)
 
 
 class RemoteEngine:
