@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 import sys
 import textwrap
 
@@ -159,24 +160,17 @@ def test_export_matches_onnx_runtime_on_full_size_and_model_size_inputs(saved, d
 
 
 def _cli(argv: list[str]) -> int:
-    """The CLI's own parser; `calibrate` through its own table row until main's COMMANDS lists it."""
-    from tta_runtime.cli import main as cli_main
+    from tta_runtime.cli.main import main
 
-    if any(c.path == argv[0] for c in cli_main.COMMANDS):
-        return cli_main.main(argv)
-    from tta_runtime.cli import calibrate
-    from tta_runtime.cli.common import Command, Parser, add_command, common_options
-
-    parser = Parser(prog="tta-runtime")
-    add_command(parser.add_subparsers(dest="command"), Command("calibrate", calibrate.add_calibrate, "calibrate", json=True, long=True),
-                "calibrate", common_options())
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return int(args.func(args))
+    return main(argv)
 
 
 def test_cli_calibrate_and_export_a_python_folder(saved, digits, tmp_path) -> None:
+    import shutil
+
     import cv2
+
+    saved = Path(shutil.copytree(saved, tmp_path / "my-digits"))  # the module's folder stays as other tests expect it
 
     pytest.importorskip("onnxruntime")
     images = tmp_path / "images"
@@ -288,6 +282,44 @@ def test_from_module_refuses_what_it_cannot_use() -> None:
         rt.save("unused-folder")
     with pytest.raises(ConfigError, match="at least 3"):
         rt.calibrate(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ConfigError, match="__main__"):
+        rt.save("unused-folder", builder="__main__:small_cnn")
+
+
+class UnusedLastLinear(nn.Module):
+    """The head runs, a Linear registered after it never does: its input cannot be the OOD features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 5)
+        self.proj = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_features_from_a_layer_that_never_runs_are_refused_not_replaced_by_logits() -> None:
+    with pytest.raises(ConfigError, match="never ran its submodule 'proj'"):
+        tta_runtime.Runtime.from_module(UnusedLastLinear(), input_size=16)
+    rt = tta_runtime.Runtime.from_module(UnusedLastLinear(), input_size=16, features="body")
+    assert rt.predict(np.zeros((16, 16, 3), np.uint8)).probs.shape == (5,)
+
+
+class MyBatchNorm(nn.BatchNorm2d):
+    """A user's own BatchNorm subclass."""
+
+
+def test_batchnorm_subclasses_are_made_adaptive_too() -> None:
+    from tta_runtime.models.classifier import AdaptiveBatchNorm2d
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), MyBatchNorm(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    rt = tta_runtime.Runtime.from_module(net, input_size=16, recipe="bn_stats")
+    assert sum(isinstance(m, AdaptiveBatchNorm2d) for m in rt.model.modules()) == 1
+    x = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    before = [r.probs for r in rt.predict(x)]
+    after = [r.probs for r in rt.adapt_and_predict(x)]
+    assert not np.allclose(before, after)  # batch statistics took effect
 
 
 def test_shorter_side_resize_and_centre_crop() -> None:

@@ -218,6 +218,7 @@ def test_metrics_move(server):
     ("POST", "/v1/predict", SAMPLE[:40], PNG, 422, "image"),
     ("POST", "/v1/predict", b"", PNG, 422, "image"),
     ("POST", "/v1/adapt", SAMPLE, {**PNG, "X-Session-Id": "bad id!"}, 422, "X-Session-Id"),
+    ("POST", f"/v1/adapt?model={CLS}&recipe=tent_continual", SAMPLE, PNG, 422, "recipe"),  # would leak across clients
     ("GET", "/v1/predict", None, {}, 405, None),
     ("GET", "/nothing-here", None, {}, 404, None),
 ])
@@ -253,6 +254,8 @@ def test_queue_full_is_429_and_a_timeout_is_504_leaving_weights_bit_exact(tight,
         if tight.request("POST", "/v1/predict", SAMPLE, PNG)[0] == 200:
             break
         time.sleep(0.1)
+    else:
+        raise AssertionError("the worker never came free after the timed-out adaptation")
     status, data = tight.json("GET", "/v1/models")
     assert data["models"][0]["weights_fingerprint"] == [fingerprint(seg_rt.model)]
 

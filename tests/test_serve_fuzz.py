@@ -74,13 +74,15 @@ def bad_requests(seed: int = 0) -> Iterator[Request]:
         yield "POST", route(), SAMPLE, {"Content-Type": ctype} if ctype else {}
         other = rng.choice([b"GIF89a" + bytes(20), b"II*\x00" + bytes(20), b"%PDF-1.4" + bytes(20), bytes(rng.integers(0, 256, 64, dtype=np.uint8))])
         yield "POST", route(), bytes(other), png
-    for _ in range(40):  # oversize bodies: declared, and sent
+    for _ in range(40):  # oversize bodies: declared, sent, and streamed in chunks with no declared length
         yield "POST", route(), bytes(MAX_BODY + int(rng.integers(1, 4096))), png
         yield "POST", route(), SAMPLE + bytes(MAX_BODY), {"Content-Type": "application/json"}
+        yield "POST", route(), [SAMPLE] * (MAX_BODY // len(SAMPLE) + 2), png  # a list: sent chunked
     for _ in range(30):  # bad JSON and base64
         yield "POST", route(), bytes(rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8)), {"Content-Type": "application/json"}
         for doc in ([1, 2], {"img": "x"}, {"image": 12}, {"image": "@@not base64@@"}, {"image": "data:image/png,xyz"},
-                    {"image": base64.b64encode(SAMPLE).decode(), "steps": "many"}, "[" * 5000):
+                    {"image": base64.b64encode(SAMPLE).decode(), "steps": "many"}, "[" * 5000,
+                    '{"image": "x", "steps": 1' + "1" * 5000 + "}"):  # an int past Python's digit limit
             yield "POST", route(), (doc if isinstance(doc, str) else json.dumps(doc)).encode(), {"Content-Type": "application/json"}
     for _ in range(25):  # bad multipart bodies
         yield ("POST", route(), *multipart([("picture", SAMPLE, "a.png")]))
@@ -122,7 +124,7 @@ def test_a_thousand_bad_requests_get_4xx_json_and_change_nothing(server):
         nonlocal conn
         for attempt in (0, 1):  # the server may close a keep-alive connection after an error: reconnect once
             try:
-                conn.request(method, path, body=body, headers=headers)
+                conn.request(method, path, body=body, headers=headers, encode_chunked=isinstance(body, list))
                 resp = conn.getresponse()
                 return resp.status, resp.getheader("content-type", ""), resp.read()
             except (ConnectionError, http.client.HTTPException):

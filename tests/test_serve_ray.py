@@ -173,24 +173,32 @@ def test_a_killed_replica_costs_only_503s_and_comes_back(cluster):
                 counts[f"{status} {raw[:80]!r}"] += 1
 
     threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
+    # a long adaptation certainly in flight on the victim when it dies: it must come back as a 503 with a JSON body
+    lost_sid = next(s for s, home in homes.items() if home == victim_id)
+    in_flight: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    long = threading.Thread(target=lambda: in_flight.update(r=cluster.request(
+        "POST", "/v1/adapt?steps=1000", SAMPLE, {**PNG, "X-Session-Id": lost_sid}, timeout=120)))
+    for t in [*threads, long]:
         t.start()
     time.sleep(2)
     t_kill = time.monotonic()
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    replaced = None
+    replaced = replaced_s = served_s = None
     while time.monotonic() - t_kill < 180 and replaced is None:
         now = set(ray_app.replica_actors(RAY))
         if len(now) == 2 and victim not in now:
-            replaced = (now - before).pop()
+            replaced, replaced_s = (now - before).pop(), time.monotonic() - t_kill
         time.sleep(0.5)
     new_id = replaced.rsplit("#", 1)[1] if replaced else None
     served_by_new = False
     while new_id and time.monotonic() - t_kill < 240 and not served_by_new:
         served_by_new = cluster.request("POST", "/v1/predict", SAMPLE, PNG)[1].get("x-replica-id") == new_id
+        served_s = time.monotonic() - t_kill
     stop.set()
-    for t in threads:
+    for t in [*threads, long]:
         t.join(120)
+    status, headers, raw = in_flight["r"]
+    in_flight_answer = {"status": status, "type": json.loads(raw)["error"]["type"] if status != 200 else None}
     # sessions that lived on the killed replica say so on their next frame
     lost = [s for s, home in homes.items() if home == victim_id]
     kept = [s for s, home in homes.items() if home != victim_id]
@@ -199,16 +207,18 @@ def test_a_killed_replica_costs_only_503s_and_comes_back(cluster):
     report = {
         "command": "TTA_RAY_FAULT_JSON=docs/results/serve/ray_fault.json pytest tests/test_serve_ray.py -k killed",
         "replicas": RAY.replicas, "load_threads": 4, "responses": dict(counts),
-        "replaced_in_s": None if replaced is None else round(time.monotonic() - t_kill, 1),
-        "new_replica_served": served_by_new, "sessions_on_killed_replica": {s: statuses[s] for s in lost},
+        "in_flight_adaptation_on_killed_replica": in_flight_answer,
+        "replacement_running_after_s": None if replaced_s is None else round(replaced_s, 1),
+        "replacement_served_after_s": None if served_s is None else round(served_s, 1), "new_replica_served": served_by_new, "sessions_on_killed_replica": {s: statuses[s] for s in lost},
         "sessions_elsewhere": {s: statuses[s] for s in kept},
     }
     if os.environ.get("TTA_RAY_FAULT_JSON"):
         Path(os.environ["TTA_RAY_FAULT_JSON"]).parent.mkdir(parents=True, exist_ok=True)
         Path(os.environ["TTA_RAY_FAULT_JSON"]).write_text(json.dumps(report, indent=2) + "\n")
     assert set(counts) <= {"200", "503 json"}, report
+    assert in_flight_answer == {"status": 503, "type": "replica_lost"} and headers["content-type"].startswith("application/json"), report
     assert counts["200"] > 0 and replaced is not None and served_by_new, report
-    assert all(statuses[s] == "restarted_after_replica_loss" for s in lost) and lost, report
+    assert all(statuses[s] == "restarted_on_another_replica" for s in lost) and lost, report
     assert all(statuses[s] == "continued" for s in kept), report
 
 
@@ -217,7 +227,8 @@ def test_config_out_is_a_serve_config_with_fractional_gpus(tmp_path):
 
     out = tmp_path / "serve.yaml"
     r = subprocess.run([sys.executable, "-m", "tta_runtime.cli", "serve", "--ray", "--config-out", str(out), "--replicas", "3",
-                        "--num-gpus", "0.5", "--model", SEG, "--model", "digits-cnn-bn"], capture_output=True, text=True, timeout=120)
+                        "--num-gpus", "0.5", "--device", "cuda", "--model", SEG, "--model", "digits-cnn-bn"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     import yaml
 
@@ -225,7 +236,10 @@ def test_config_out_is_a_serve_config_with_fractional_gpus(tmp_path):
     app = cfg.applications[0]
     assert app.import_path == "tta_runtime.serve.ray_app:app_builder"
     worker = app.deployments[0]
-    assert worker.num_replicas == 3 and worker.ray_actor_options.num_gpus == 0.5
+    assert worker.num_replicas == 3 and worker.ray_actor_options.num_gpus == 0.5 and app.args["serve"]["device"] == "cuda"
+    cpu = subprocess.run([sys.executable, "-m", "tta_runtime.cli", "serve", "--ray", "--config-out", str(tmp_path / "x.yaml"),
+                          "--num-gpus", "0.5"], capture_output=True, text=True, timeout=120)
+    assert cpu.returncode == 2 and "--device cuda" in cpu.stderr  # GPUs reserved for a model left on the CPU: refused
     built = ray_app.app_builder(app.args)  # what `serve run` builds from it
     assert type(built).__name__ == "Application"
 

@@ -95,6 +95,9 @@ def save_folder(
     if builder is None:
         raise ConfigError("save() needs builder='package.module:function': a function returning the network (the folder "
                           "holds its weights); loading the folder imports it (trust_code=True)")
+    if str(builder).split(":")[0] == "__main__":
+        raise ConfigError(f"builder {builder!r} lives in the running script (__main__), which another process cannot "
+                          "import: move the function into an importable module, e.g. 'mypackage.models:build_net'")
     module_cfg = validate(ModuleConfig, {**card.module.model_dump(), "builder": builder}, "builder")
     folder = Path(folder)
     if (folder / CARD_FILE).exists() and not overwrite:

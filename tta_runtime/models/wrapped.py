@@ -32,10 +32,12 @@ __all__ = ["WrappedClassifier", "convert_batchnorm", "import_builder", "load_int
 
 
 def convert_batchnorm(module: nn.Module) -> int:
-    """Replace every plain `nn.BatchNorm2d` by an `AdaptiveBatchNorm2d` with the same state; returns how many."""
+    """Replace every `nn.BatchNorm2d` (subclasses included, e.g. timm's or a user's own) by an
+    `AdaptiveBatchNorm2d` with the same state; returns how many. A subclass's extra behaviour (a fused
+    activation, say) is lost, so one whose forward differs is refused by the caller's parity check."""
     n = 0
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, AdaptiveBatchNorm2d):
             new = AdaptiveBatchNorm2d(
                 child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine,
                 track_running_stats=child.track_running_stats,
@@ -93,7 +95,7 @@ class WrappedClassifier(nn.Module):
             if not linears:
                 raise ConfigError(f"{what} has no nn.Linear to read the OOD features from (its input); name the submodule "
                                   "whose output is the feature vector: features='<name>'")
-            self.feature_path = linears[-1]
+            self.feature_path, self._by_input = linears[-1], True
             net.get_submodule(self.feature_path).register_forward_pre_hook(_keep_input)
         else:
             named = dict(net.named_modules())
@@ -101,7 +103,7 @@ class WrappedClassifier(nn.Module):
                 close = [n for n in named if n and features.split(".")[-1] in n][:5]
                 raise ConfigError(f"features={features!r} names no submodule of {what}; submodules look like "
                                   f"{close or [n for n in named if n][:5]}")
-            self.feature_path = features
+            self.feature_path, self._by_input = features, False
             named[features].register_forward_hook(_keep_output)
         self.num_classes = 0  # set by `probe`
 
@@ -114,8 +116,12 @@ class WrappedClassifier(nn.Module):
         if self.normalise:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         logits = logits_of(self.net(x))
-        feats = hooked._tta_features if hooked._tta_features is not None else logits
+        feats = hooked._tta_features
         hooked._tta_features = None
+        if feats is None:  # the hooked layer never ran: the OOD scorers must not silently get the logits
+            raise ConfigError(f"{self.what}'s forward never ran its submodule {self.feature_path!r}, whose "
+                              f"{'input' if self._by_input else 'output'} is read as the OOD features; name the submodule "
+                              "whose output is the feature vector: features='<name>'")
         if not isinstance(feats, torch.Tensor):
             raise ConfigError(f"the features submodule of {self.what} returned {type(feats).__name__}, not a tensor")
         if feats.ndim > 2:  # (B, C, H, W...): one vector per image

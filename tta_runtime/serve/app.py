@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ADAPT_ONLY = ("steps", "lr", "recipe", "adapt")
+_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 _INSTALL = "pip install 'tta-runtime[serve]'"
 
 
@@ -90,14 +91,15 @@ def create_app(settings: ServeSettings, engine: Any = None) -> Any:
             response = error_response(request, ServeError(
                 500, "internal_error", f"the server failed on this request; report request id {request.state.request_id}"))
         route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - t0)
+        method = request.method if request.method in _METHODS else "OTHER"  # a bounded label set, whatever clients send
+        metrics.observe(getattr(route, "path", "unmatched"), method, response.status_code, time.perf_counter() - t0)
         response.headers["X-Request-Id"] = request.state.request_id
         return response
 
     async def answer(request: Any, adapt: bool) -> Any:
         if not engine.ready:
             raise _not_ready(engine)
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.timeout_s)
         data, body_opts, where = await image_and_options(request, body)
         opts = _options(request.query_params, body_opts, adapt)
         engine.model(opts.get("model"))  # an unknown model is refused before any work is queued

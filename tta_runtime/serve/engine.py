@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STREAM_RECIPE = {"segmentation": "slot_tta_stream", "classification": None}  # None: the card's default, continual
 RETRY_AFTER_S = 1
+SESSION_GRACE_S = 30.0  # a session frame past its deadline: time for the worker to stop at its next step
 
 
 class Cancelled(Exception):
@@ -131,8 +132,11 @@ class Engine:
         return next(iter(self.models))
 
     # -- requests ----------------------------------------------------------------------------------
-    async def run(self, job: Any, *args: Any) -> Any:
-        """Run `job(deadline, *args)` on a worker thread: 429 when the queue is full, 504 past the deadline."""
+    async def run(self, job: Any, *args: Any, grace: float = 0.0) -> Any:
+        """Run `job(deadline, *args)` on a worker thread: 429 when the queue is full, 504 past the deadline.
+
+        `grace`: how long past the deadline to wait for the worker itself to give up (raising `Cancelled` at
+        its next step): a continual session's frame must answer 504 only if its state was left as it was."""
         deadline = time.monotonic() + self.settings.timeout_s
         with self._count_lock:
             if self._in_flight >= self.settings.workers + self.settings.max_queue:
@@ -148,18 +152,18 @@ class Engine:
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         fut.add_done_callback(self._done)  # when the work ends, even after its request timed out
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.timeout_s + grace)
         except (asyncio.TimeoutError, Cancelled):
             raise ServeError(504, "timeout", f"the request did not finish within {self.settings.timeout_s:g} s "
                              "(--timeout); ask for fewer steps, or retry when the server is less busy") from None
 
     async def submit(self, data: bytes, where: str, opts: dict[str, Any], adapt: bool, session_id: str | None) -> dict[str, Any]:
         """One request's response body (see `work`), on a worker within the limits (see `run`)."""
-        return await self.run(self.work, data, where, opts, adapt, session_id)
+        return await self.run(self.work, data, where, opts, adapt, session_id, grace=0.0 if session_id is None else SESSION_GRACE_S)
 
     async def describe(self) -> dict[str, Any]:
-        """The body of GET /v1/models."""
-        return {"models": self.models_info(), "recipes": self.recipes, "sessions": len(self.sessions),
+        """The body of GET /v1/models (weights hashed on a thread: the event loop keeps answering)."""
+        return {"models": await asyncio.to_thread(self.models_info), "recipes": self.recipes, "sessions": len(self.sessions),
                 "max_sessions": self.settings.max_sessions, "max_steps": self.settings.max_steps}
 
     async def drop_session(self, session_id: str) -> bool:
@@ -186,7 +190,7 @@ class Engine:
             raise Cancelled()
         loaded = self.model(opts.get("model"))
         image = decode_image(data, self.settings.max_pixels, where)
-        call = self._adapt_options(opts, loaded.card.task) if adapt else {}
+        call = self._adapt_options(opts, loaded.card.task, session=session_id is not None) if adapt else {}
         if adapt:
             def on_step(step: int, out: Any) -> None:
                 if time.monotonic() > deadline:
@@ -200,7 +204,9 @@ class Engine:
             finally:
                 loaded.pool.put(rt)
         session, status = self.sessions.open(session_id, loaded.name, lambda: self._session_runtime(loaded))
-        with session.lock:
+        if not session.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Cancelled()  # earlier frames of this session held it past this one's deadline
+        try:
             rt = session.runtime
             if adapt:
                 call.setdefault("seed", session.frames)  # new pixel subsets every frame, reproducibly
@@ -211,6 +217,8 @@ class Engine:
             body = self._body(rt, loaded, res, opts)
             body["session"] = {"id": session.id, "status": status, "frame": session.frames}
             return body
+        finally:
+            session.lock.release()
 
     def work_batch(self, deadline: float, items: list[tuple[bytes, str, dict[str, Any]]], adapt: bool = False) -> list[Any]:
         """Several requests without a session, run together: predicts in one forward pass per model; episodic
@@ -269,11 +277,18 @@ class Engine:
         recipe = load_recipe(name) if name is not None else loaded.runtimes[0].recipe
         return recipe.execution is not None and recipe.mode == "episodic"
 
-    def _adapt_options(self, opts: dict[str, Any], task: str) -> dict[str, Any]:
+    def _adapt_options(self, opts: dict[str, Any], task: str, session: bool = False) -> dict[str, Any]:
         call = {k: opts[k] for k in ("steps", "lr", "recipe", "adapt") if opts.get(k) is not None}
         if "recipe" in call and call["recipe"] not in self.recipes:
             raise ServeError(422, "unknown_recipe", f"no recipe {call['recipe']!r}; shipped recipes: {self.recipes}",
                              field="recipe")
+        if "recipe" in call and not session:
+            from tta_runtime.hub import load_recipe
+
+            if load_recipe(call["recipe"]).mode == "continual":  # would carry one client's weights to the next
+                raise ServeError(422, "continual_needs_session", f"recipe {call['recipe']!r} is continual: its "
+                                 "adapted state must live in a session; send an X-Session-Id header (or use an "
+                                 "episodic recipe)", field="recipe")
         if call.get("steps", 0) > self.settings.max_steps:
             raise ServeError(422, "too_many_steps", f"steps={call['steps']} is more than this server's max_steps = "
                              f"{self.settings.max_steps} (--max-steps)", field="steps")
@@ -335,9 +350,19 @@ class Engine:
                 "name": name, "task": m.card.task, "input_size": m.card.preprocessing.size, "default": name == self.default_model,
                 "default_recipe": m.card.default_recipe, "default_steps": m.runtimes[0].recipe.steps, "num_slots": None if seg is None else seg.num_slots,
                 "labels": list(m.card.labels), "calibrated": m.runtimes[0].calibration is not None, "workers": len(m.runtimes),
-                "weights_fingerprint": [fingerprint(rt.model) for rt in m.runtimes],
+                "weights_fingerprint": [_locked_fingerprint(rt) for rt in m.runtimes],
             })
         return out
+
+
+def _locked_fingerprint(rt: Any) -> str:
+    """The runtime's weights fingerprint, read between requests (never mid-adaptation); "busy" if it stays busy."""
+    if not rt._lock.acquire(timeout=5.0):
+        return "busy"
+    try:
+        return fingerprint(rt.model)
+    finally:
+        rt._lock.release()
 
 
 def _adaptation(rep: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Status codes: 413 body or image too large, 415 a content type or image format th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -24,8 +25,9 @@ ACCEPTED = ("multipart/form-data (field 'image'), a raw image/png, image/jpeg, i
             "(or application/octet-stream), or application/json {\"image\": \"<base64>\", ...}")
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes: declared or streamed."""
+async def read_body(request: Any, limit: int, timeout: float) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes, declared or streamed, or when it has
+    not arrived within `timeout` seconds (408)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -33,11 +35,20 @@ async def read_body(request: Any, limit: int) -> bytes:
         if int(declared) > limit:
             raise _too_large(int(declared), limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit, "at least ")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit, "at least ")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ServeError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s "
+                         f"({size:,} bytes so far); send it faster or smaller") from None
     body = b"".join(chunks)
     request._body = body  # Starlette's own cache: request.form() parses these bytes, not the spent stream
     return body
@@ -82,7 +93,7 @@ async def _multipart(request: Any) -> bytes:
 def _json(body: bytes) -> tuple[bytes, dict[str, Any], str]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int past Python's digit limit
         raise ServeError(400, "bad_json", f"the body is not valid JSON ({str(e)[:120]}); expected "
                          "{\"image\": \"<base64>\", ...}") from None
     if not isinstance(data, dict):

@@ -9,7 +9,7 @@ through a Serve handle. The front is an ingress deployment (`serve.ingress`).
   (`serve.multiplexed`), so Serve routes every frame of a session to the replica that holds its state.
 - **Replica loss.** A named registry actor remembers each session's replica. If that replica dies, the
   session restarts from the loaded weights on another replica, and the response says so
-  ("restarted_after_replica_loss").
+  ("restarted_on_another_replica").
 - **Dead replicas.** A request in flight on a replica that dies is answered with a 503 JSON error, so the
   client knows to retry.
 - **Batching.** `serve.batch` gathers concurrent predict requests into one forward pass per model
@@ -32,7 +32,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from tta_runtime.errors import TTARuntimeError
+from tta_runtime.errors import ConfigError, TTARuntimeError
 from tta_runtime.serve.engine import Engine, runtime_error_status
 from tta_runtime.serve.settings import RaySettings, ServeError, ServeSettings
 
@@ -80,9 +80,9 @@ class Worker:
             raise RuntimeError(f"the models failed to load: {self.engine.failed}")
 
     async def check_health(self) -> None:
-        """Serve restarts a replica whose models failed to load."""
-        if self.engine.failed:
-            raise RuntimeError(f"the models failed to load: {self.engine.failed}")
+        """The replica's readiness (models loaded and warmed up): Serve restarts a replica that fails it."""
+        if not self.engine.ready:
+            raise RuntimeError(f"not ready: {self.engine.failed or 'models not loaded'}")
 
     async def ready(self) -> dict[str, Any]:
         return {"ready": self.engine.ready, "failed": self.engine.failed,
@@ -215,8 +215,15 @@ class Front:
         return create_app(self.settings, RemoteEngine(self.settings, self.worker))
 
 
+def _check_gpus(settings: ServeSettings, ray_settings: RaySettings) -> None:
+    if ray_settings.num_gpus > 0 and not settings.device.startswith("cuda"):
+        raise ConfigError(f"num_gpus={ray_settings.num_gpus:g} reserves GPUs for each replica, but the models run on "
+                          f"device {settings.device!r}: pass --device cuda as well")
+
+
 def build(settings: ServeSettings, ray_settings: RaySettings) -> Any:
     """The Serve application (front + workers) for `serve.run`."""
+    _check_gpus(settings, ray_settings)
     r = ray_settings
     threads = settings.threads or max(1, int(r.num_cpus))  # a replica's share of the machine, not all its cores
     worker_settings = settings.model_copy(update={"threads": threads}).model_dump_json()
@@ -257,6 +264,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def config(settings: ServeSettings, ray_settings: RaySettings, *, host: str, port: int) -> dict[str, Any]:
     """A Serve config (`serve run FILE`, `serve deploy FILE`) that deploys `app_builder` with these settings."""
+    _check_gpus(settings, ray_settings)
     r = ray_settings
     worker: dict[str, Any] = {"name": WORKER, "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
                               "max_ongoing_requests": r.max_ongoing_requests, "health_check_period_s": r.health_check_period_s}

@@ -80,9 +80,10 @@ class Classification(_Model):
 class SessionInfo(_Model):
     id: str
     status: Literal["new", "continued", "restarted_after_eviction", "restarted_after_expiry",
-                    "restarted_after_replica_loss"] = Field(
-        ..., description="restarted_*: this id's earlier state was dropped (LRU eviction, idle expiry, or the replica "
-        "that held it was lost); it starts again from the loaded weights")
+                    "restarted_on_another_replica"] = Field(
+        ..., description="restarted_*: this id's earlier state was dropped (LRU eviction, idle expiry, or the frame "
+        "reached another replica than the one holding it: that one died or was saturated); it starts again from the "
+        "loaded weights")
     frame: int = Field(..., description="frames this session has sent, this one included")
 
 

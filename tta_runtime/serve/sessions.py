@@ -70,12 +70,22 @@ class SessionStore:
             if s is not None:
                 self._sessions.move_to_end(session_id)
                 s.last_used = time.monotonic()
+        if s is not None:
+            # Several replicas: if the session was served elsewhere meanwhile (its home replica was lost or busy),
+            # this copy is stale: drop it and start again, saying so (never continue from old weights silently).
+            if self.claim is None or self.claim(session_id) is None:
                 return s, "continued"
-            ended = self._ended.pop(session_id, "")
-        elsewhere = self.claim(session_id) if self.claim is not None else None  # also registers this replica as its home
-        ended = ended or elsewhere or ""
+            with self._lock:
+                self._sessions.pop(session_id, None)
+            ended = "elsewhere"
+        else:
+            with self._lock:
+                ended = self._ended.pop(session_id, "")
+        if ended != "elsewhere":
+            elsewhere = self.claim(session_id) if self.claim is not None else None  # also registers this replica as its home
+            ended = ended or elsewhere or ""
         status = {"evicted": "restarted_after_eviction", "expired": "restarted_after_expiry",
-                  "elsewhere": "restarted_after_replica_loss"}.get(ended, "new")
+                  "elsewhere": "restarted_on_another_replica"}.get(ended, "new")
         runtime = factory()  # outside the store's lock: loading takes a while
         with self._lock:
             s = self._sessions.get(session_id)
