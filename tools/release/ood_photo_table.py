@@ -22,12 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", required=True, help="classifier model name or folder (repeatable)")
     p.add_argument("--trust-code", action="store_true", help="allow python: model folders (written by Runtime.save)")
     p.add_argument("--json", default=None, help="write the per-scorer numbers here")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="digits split of the clean and corrupted sets: val to choose the scorer, test to report it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     reports = []
     for name in args.model:
         rt = Runtime.from_pretrained(name, trust_code=args.trust_code)
-        reports.append(scorer_report(rt, load_calibration(rt.folder)))
+        reports.append(scorer_report(rt, load_calibration(rt.folder), split=args.split))
     print("\n".join(photo_table(reports)))
     if args.json:
         with open(args.json, "w") as f:

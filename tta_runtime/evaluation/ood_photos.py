@@ -58,10 +58,11 @@ def _features(rt: Any, images: Sequence[np.ndarray]) -> OODFeatures:
 
 
 def scorer_report(rt: Any, calibrations: Mapping[str, Calibration], *, corruptions: Sequence[str] = BENCHMARK_CORRUPTIONS,
-                  severity: int = 5) -> dict[str, Any]:
+                  severity: int = 5, split: str = "test") -> dict[str, Any]:
     """Per scorer: AUROC photos-vs-clean ("far"), mean AUROC corruptions-vs-clean ("near"), their mean, and the
-    shares flagged (over the calibrated threshold) of clean digits, photos and corrupted digits."""
-    test_x, _ = load_digits("test", rt.input_size)
+    shares flagged (over the calibrated threshold) of clean digits, photos and corrupted digits. `split`: the
+    digits split of the clean and corrupted sets ("val" to choose a scorer, "test" to report it)."""
+    test_x, _ = load_digits(split, rt.input_size)
     clean = _features(rt, list(test_x))
     photos = _features(rt, natural_photos())
     near = {c: _features(rt, list(corrupt(test_x, c, severity, seed=NEAR_SEED))) for c in corruptions}
@@ -76,7 +77,7 @@ def scorer_report(rt: Any, calibrations: Mapping[str, Calibration], *, corruptio
             "flagged_clean": round(float(np.mean(cal.is_ood(s0))), 4), "flagged_photos": round(float(np.mean(cal.is_ood(sp))), 4),
             "flagged_near": round(float(np.mean([np.mean(cal.is_ood(cal.score(f))) for f in near.values()])), 4),
         }
-    return {"model": rt.name, "n_clean": len(clean), "n_photos": len(photos), "corruptions": list(corruptions),
+    return {"model": rt.name, "split": split, "n_clean": len(clean), "n_photos": len(photos), "corruptions": list(corruptions),
             "severity": severity, "scorers": out}
 
 
