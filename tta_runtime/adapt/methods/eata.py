@@ -13,12 +13,15 @@ setting (0.4), since our classifiers have 10 classes.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 from tta_runtime.adapt.methods.base import METHODS, MethodContext, entropy
+
+log = logging.getLogger(__name__)
 
 
 @METHODS.register("eata")
@@ -35,6 +38,11 @@ class EATA:
         self.avg_probs: torch.Tensor | None = None  # moving average of kept predictions (redundancy filter)
         self.needs_reset = False
         self.info: dict[str, object] = {}
+        # Without a Fisher the anti-forgetting term is off: say so (once here, and in every report's method_info).
+        self.fisher_state = "used" if self.context.fisher else "absent: no anti-forgetting term"
+        if not self.context.fisher:
+            log.warning("EATA runs without a Fisher, so its anti-forgetting term is off: the model folder has no "
+                        "fisher.safetensors; rt.calibrate(in_distribution_images) computes one")
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         logits = model(x).logits
@@ -44,7 +52,7 @@ class EATA:
         if self.avg_probs is not None and keep.any():
             sim = F.cosine_similarity(self.avg_probs.unsqueeze(0), probs, dim=1)
             keep = keep & (sim.abs() < self.d_margin)
-        self.info = {"kept": int(keep.sum()), "batch": int(x.shape[0])}
+        self.info = {"kept": int(keep.sum()), "batch": int(x.shape[0]), "fisher": self.fisher_state}
         if keep.any():
             kept_mean = probs[keep].mean(dim=0)
             self.avg_probs = kept_mean if self.avg_probs is None else 0.9 * self.avg_probs + 0.1 * kept_mean
