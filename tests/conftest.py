@@ -135,3 +135,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     )
     (folder / "card.json").write_text(json.dumps(card.model_dump(mode="json"), indent=2))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """The CLI configures the root logger (basicConfig(force=True), -q sets ERROR); tests that run it in-process
+    must not change what later tests' caplog sees."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers

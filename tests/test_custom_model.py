@@ -360,8 +360,9 @@ def test_from_architecture_takes_the_same_preprocessing_and_calibration(digits, 
 def test_eata_says_when_it_has_no_fisher(caplog) -> None:
     """The issue's gap: EATA silently dropped its anti-forgetting term when no Fisher was there."""
     x = np.random.default_rng(1).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
-    bare = tta_runtime.Runtime.from_module(small_cnn(), input_size=32, recipe="eata")
+    # The level is set around the whole life of the runtime: an earlier CLI test may have left the root at ERROR.
     with caplog.at_level("WARNING", logger="tta_runtime.adapt.methods.eata"):
+        bare = tta_runtime.Runtime.from_module(small_cnn(), input_size=32, recipe="eata")
         rep = bare.adapt_and_predict(x)[0].adaptation
     assert rep.method_info["fisher"].startswith("absent") and "anti-forgetting term is off" in caplog.text
     shipped = tta_runtime.Runtime.from_pretrained("digits-cnn-bn", recipe="eata")
