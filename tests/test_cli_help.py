@@ -17,6 +17,7 @@ from tta_runtime.cli.main import COMMANDS, GROUPS, build_parser, main
 LONG = {
     "demo", "eval", "ood fit", "ood eval", "train segmenter", "train unet", "train classifier", "train ftwt", "stream",
     "export", "bench gate", "bench adapt", "bench tta", "bench prune", "bench stream", "bench backends", "bench serve",
+    "bench overhead",
     "predict", "calibrate",
 }
 # Commands without a JSON result (they write a model folder or a calibration into one).

@@ -34,11 +34,11 @@ from tta_runtime.config import (
     ClassifierConfig,
     ModelCard,
     Preprocessing,
-    RuntimeOptions,
     SegmenterConfig,
     WeightsSpec,
     validate,
 )
+from tta_runtime.options import RuntimeOptions
 from tta_runtime.deploy.options import check_n_verify, parse_dynamic
 from tta_runtime.errors import ConfigError, InvalidInputError, TTARuntimeError
 from tta_runtime.hub import list_recipes, load_recipe, sha256_file

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from tta_runtime.adapt.fisher import fisher_information
-from tta_runtime.config import ModelCard, RuntimeOptions
+from tta_runtime.config import ModelCard
+from tta_runtime.options import RuntimeOptions
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.frozen import FeaturePass
 from tta_runtime.models.classifier import norm_parameters, set_norm_mode

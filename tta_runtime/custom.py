@@ -29,12 +29,11 @@ from tta_runtime.config import (
     ModelCard,
     ModuleConfig,
     Preprocessing,
-    RuntimeOptions,
     WeightsSpec,
     builder_of,
-    split_overrides,
     validate,
 )
+from tta_runtime.options import RuntimeOptions, split_overrides
 from tta_runtime.errors import ConfigError, ModelLoadError
 from tta_runtime.hub import load_recipe
 from tta_runtime.models.wrapped import WrappedClassifier, convert_batchnorm, import_builder

@@ -27,6 +27,10 @@ class OODScore(NamedTuple):
     recon_mse: float
 
 
+NO_SCORE = OODScore(float("nan"), "off", None, float("nan"))
+"""The score of an input when the runtime computes none (`score_ood=False`)."""
+
+
 class FeaturePass(torch.nn.Module):
     """One frozen forward pass: (output, OOD features). A module so that `torch.func.functional_call` can
     also run it with other weights than the model's own (the loaded ones, after continual adaptation)."""

@@ -92,3 +92,18 @@ def classifier_results(
             pruning=pruning[i],
         ))
     return results
+
+
+def pruning_info(model: torch.nn.Module, variant: str | None, n: int) -> list[dict[str, Any] | None]:
+    """Per image of the latest forward of a pruned `model` (variant name `variant`; None: not pruned): kept share
+    per unit, the conv-MACs fraction and the execution path that ran (`last_path`)."""
+    if variant is None or not getattr(model, "last_masks", None):
+        return [None] * n
+    kept = model.kept()  # type: ignore[operator]
+    widths = torch.tensor([m.shape[1] for m in model.last_masks], dtype=torch.float64)  # type: ignore[union-attr]
+    macs = model.macs_fraction()  # type: ignore[operator]
+    if kept.shape[0] != n:  # a batch-level mask union (never for the frozen path): report it for each image
+        kept, macs = kept.expand(n, -1), macs.expand(n)
+    path = getattr(model, "last_path", None)
+    return [{"variant": variant, "kept_fraction": [round(float(v), 4) for v in kept[i] / widths],
+             "macs_fraction": round(float(macs[i]), 4), **({"path": path} if path else {})} for i in range(n)]

@@ -25,19 +25,21 @@ from typing import Any
 
 import torch
 
-from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback, check_step_callback
+from tta_runtime.adapt.loop import AdaptationReport, Adapter, StepCallback, check_step_callback, skipped_report
 from tta_runtime.adapt.reset import ContinualPolicy
-from tta_runtime.config import AdaptConfig, ModelCard, RuntimeOptions, check_keywords, keywords_of, split_overrides, validate, with_overrides
+from tta_runtime.config import AdaptConfig, ModelCard, check_keywords, keywords_of, validate, with_overrides
+from tta_runtime.options import RuntimeOptions, split_overrides
 from tta_runtime.calibration_run import folder_calibrations
 from tta_runtime.custom import check_trust, folder_model, folder_recipe
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
-from tta_runtime.frozen import FeaturePass, OODScore, features_with, ood_scores
+from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, ood_scores
 from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
 from tta_runtime.ood import DEFAULT_CLASSIFIER_SCORER, load_calibration
-from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, segmenter_results
+from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, pruning_info, segmenter_results
 from tta_runtime.result import Result
+from tta_runtime.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Runtime:
         )
         self._calibrations, self.calibration = folder_calibrations(self.folder, self.options, self.task)
         self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
+        self._threads = ThreadPolicy(self.model, card.preprocessing.size, self.device, self.options.threads)
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so
         if self.options.backend == "onnxruntime" and self.options.prune is not None:
             raise ConfigError("prune= runs on backend='torch' (export a pruned path with `tta-runtime bench prune`)")
@@ -91,9 +94,11 @@ class Runtime:
                 raise ConfigError("backend='onnxruntime' supports the slot segmenter only for now; use backend='torch'")
             from tta_runtime.deploy import OrtFrozenPath, OrtOptions, providers_for_device
 
+            ort_threads = self.options.onnxruntime_threads  # None: as the thread policy chooses for one image
+
             self._ort = OrtFrozenPath(
                 self.model, card, calibration=self.calibration, providers=providers_for_device(self.device),
-                options=OrtOptions(intra_op_num_threads=self.options.onnxruntime_threads),
+                options=OrtOptions(intra_op_num_threads=ort_threads if ort_threads is not None else self._threads.choose(1)),
             )
 
     # -- construction ------------------------------------------------------------------------------
@@ -269,7 +274,7 @@ class Runtime:
         `CLASSIFIER_ADAPT_CHUNK`), all under the lock: no other call runs between the chunks of this one."""
         size = CLASSIFIER_ADAPT_CHUNK if recipe is not None and self.task == "classification" else PREDICT_CHUNK
         results: list[Result] = []
-        with self._lock:
+        with self._lock, self._threads.request(len(prepared)):
             if recipe is not None and self._adapting:
                 raise ConfigError(_REENTRANT.format(what="adapt_and_predict"))
             stream = self._adapting or self.recipe.mode == "continual" or (recipe is not None and recipe.mode == "continual")
@@ -291,7 +296,10 @@ class Runtime:
         x = torch.cat([p.tensor for p in prepared]).to(self.device)  # prepared tensors share the model's size
         n = len(prepared)
         t1 = time.perf_counter()
-        out, scores = self._frozen_path(x)
+        if recipe is not None and gate == "always" and not self.options.score_ood:  # nothing needs the frozen pass
+            out, scores, self._last_pruning = None, [NO_SCORE] * n, [None] * n
+        else:
+            out, scores = self._frozen_path(x)
         t_fwd = time.perf_counter() - t1
         pruning = self._last_pruning
         reasons = [self._skip_reason(gate, sc) for sc in scores]
@@ -304,12 +312,12 @@ class Runtime:
                 adapted, chosen_reports = self._adapt(x[chosen], recipe, on_step)
             finally:
                 self._adapting = False
-            out = merge_rows(out, adapted, chosen)
+            out = adapted if out is None else merge_rows(out, adapted, chosen)
             for j, i in enumerate(chosen):
                 reports[i] = chosen_reports[j]
             batch_report = chosen_reports[0]
         if recipe is not None:
-            reports = [r or self._skipped_report(recipe, reasons[i] or "", x) for i, r in enumerate(reports)]
+            reports = [r or skipped_report(recipe, reasons[i] or "", x.device) for i, r in enumerate(reports)]
         share = n if self.task == "segmentation" else 1
         ctx = ResultContext(self.name, str(self.device), self.backend,
                             {"preprocess_s": t_prep / share, "forward_s": t_fwd / share})
@@ -426,22 +434,12 @@ class Runtime:
         fixed = getattr(self.model, "fixed_masks", None)
         return fixed() if fixed is not None else contextlib.nullcontext()
 
-    def _pruning_info(self, n: int) -> list[dict[str, Any] | None]:
-        """Per image of the latest forward of a pruned model: kept share per unit and the conv-MACs fraction."""
-        if self.options.prune is None or not getattr(self.model, "last_masks", None):
-            return [None] * n
-        kept = self.model.kept()  # type: ignore[operator]
-        widths = torch.tensor([m.shape[1] for m in self.model.last_masks], dtype=torch.float64)  # type: ignore[union-attr]
-        macs = self.model.macs_fraction()  # type: ignore[operator]
-        if kept.shape[0] != n:  # a batch-level mask union (never for the frozen path): report it for each image
-            kept, macs = kept.expand(n, -1), macs.expand(n)
-        return [{"variant": self.options.prune, "kept_fraction": [round(float(v), 4) for v in kept[i] / widths],
-                 "macs_fraction": round(float(macs[i]), 4)} for i in range(n)]
-
     def _gate(self, adapt: str | None) -> str:
         gate = adapt or self.options.adapt
         if gate not in ("always", "never", "when_ood"):
             raise ConfigError(f"adapt must be 'always', 'never' or 'when_ood', got {gate!r}")
+        if gate == "when_ood" and not self.options.score_ood:
+            raise ConfigError("adapt='when_ood' needs OOD scores: load without score_ood=False")
         if gate == "when_ood" and self.calibration is None:
             if self.folder is None:
                 raise ConfigError("adapt='when_ood' needs a calibrated OOD scorer: call rt.calibrate(in_distribution_images) first")
@@ -454,6 +452,11 @@ class Runtime:
         The output comes from the current weights. The scores describe the input, not the adaptation
         history: once continual adaptation has moved the weights, they come from a second pass with the
         loaded weights (the ones the calibration was fitted for), so the same input always scores the same."""
+        if not self.options.score_ood and self._ort is None:
+            with torch.inference_mode():
+                out = self.model(x)
+            self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
+            return out, [NO_SCORE] * x.shape[0]
         embedding = self.calibration.embedding if self.calibration else "encoder"
         if self._ort is not None:
             out, oods = self._ort(x)
@@ -463,7 +466,7 @@ class Runtime:
         else:
             with torch.inference_mode():
                 out, feats = FeaturePass(self.model, self.task, embedding)(x)
-            self._last_pruning = self._pruning_info(x.shape[0])
+            self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
         if self._weights_moved:
             feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state)
         return out, ood_scores(feats, self.calibration, self.card)
@@ -491,10 +494,3 @@ class Runtime:
         if gate == "when_ood" and not score.is_ood:
             return f"in distribution ({score.scorer} {score.score:.3g} <= threshold {self.calibration.threshold:.3g})"  # type: ignore[union-attr]
         return None
-
-    def _skipped_report(self, recipe: AdaptConfig, why: str, x: torch.Tensor) -> AdaptationReport:
-        return AdaptationReport(
-            recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
-            steps_requested=recipe.steps, device=str(x.device), skipped=why, timings={"total_s": 0.0},
-        )
-

@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,10 @@ from tta_runtime.models.segmenter import SlotSegmenter, image_targets
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, Any], None]
+
+LAST_FORWARD_METHODS = ("tent", "eata", "sar", "bn_stats")
+"""Classifier methods whose loss runs the model on the input itself (first, in SAR's case): the recipe's
+prediction='last_forward' returns that forward's outputs."""
 
 
 @dataclass
@@ -70,8 +74,22 @@ def check_step_callback(on_step: Any) -> StepCallback | None:
     return on_step
 
 
+def skipped_report(recipe: AdaptConfig, why: str, device: torch.device) -> AdaptationReport:
+    """The report of an input that took no step (`why`: the gate's reason)."""
+    return AdaptationReport(
+        recipe=recipe.name, method=recipe.method, mode=recipe.mode, params=recipe.params, params_adapted=0,
+        steps_requested=recipe.steps, device=str(device), skipped=why, timings={"total_s": 0.0},
+    )
+
+
 def check_recipe_fits(cfg: AdaptConfig, task: str) -> None:
     """`ConfigError` for a recipe this kind of model cannot run (SAM's second pass needs a classifier method)."""
+    if cfg.prediction == "last_forward" and (task == "segmentation" or cfg.method not in LAST_FORWARD_METHODS):
+        raise ConfigError(
+            f"recipe {cfg.name!r}: prediction='last_forward' reuses the outputs of a classifier method's forward on "
+            f"the input itself ({', '.join(LAST_FORWARD_METHODS)}); method {cfg.method!r} "
+            f"{'adapts a segmenter' if task == 'segmentation' else 'runs the model on other views'}: use prediction='adapted'"
+        )
     if cfg.optimizer == "sam" and task == "segmentation":
         raise ConfigError(
             f"recipe {cfg.name!r}: optimizer='sam' (sharpness-aware, SAR's) adapts classifiers only; a slot segmenter's "
@@ -221,6 +239,7 @@ class Adapter:
         t0 = time.perf_counter()
         start_state = self._snapshot()  # on the model's device; restores episodic calls and failures
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        hooks: list[Any] = []
         ok = False
         classifier = self.task == "classification"
         if classifier:
@@ -246,6 +265,11 @@ class Adapter:
                     features = model.encode(image)
             report.timings["setup_s"] = time.perf_counter() - t0
 
+            captured: list[Any] = []  # prediction='last_forward': the step's first forward on `image`
+            if cfg.prediction == "last_forward":
+                hooks.append(model.register_forward_hook(
+                    lambda _m, args, output: captured.append(output) if not captured and args and args[0] is image else None
+                ))
             t_loop = time.perf_counter()
             gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
             n_pix = image.shape[-1] * image.shape[-2]
@@ -254,6 +278,7 @@ class Adapter:
             scheduled = cfg.warmup_steps > 0 or cfg.lr_schedule != "constant"
             best, since_best = float("inf"), 0
             for step in range(cfg.steps):
+                captured.clear()
                 idx = None
                 if n_sub < n_pix:
                     idx = torch.randperm(n_pix, generator=gen)[:n_sub].to(image.device)
@@ -310,7 +335,13 @@ class Adapter:
             report.timings["adapt_s"] = time.perf_counter() - t_loop
 
             t_pred = time.perf_counter()
-            final = self._full_forward(image, features)
+            for h in hooks:
+                h.remove()
+            if captured and report.steps_run > 0 and not report.rolled_back and is_dataclass(captured[0]):
+                last = captured[0]  # the forward before the last update, without its graph
+                final = replace(last, **{f.name: getattr(last, f.name).detach() for f in fields(last)})
+            else:
+                final = self._full_forward(image, features)
             with torch.no_grad():  # classifiers: the mean prediction entropy, whatever the method's loss
                 report.final_loss = float(
                     entropy(final.logits).mean() if classifier else method.loss(final, image_targets(image))
@@ -323,6 +354,8 @@ class Adapter:
                 self._optimizer, self._opt_key = (None, None) if report.rolled_back else (opt, key)
             ok = True
         finally:
+            for h in hooks:
+                h.remove()
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
                 p.grad = None

@@ -340,3 +340,62 @@ def _backends(args: argparse.Namespace) -> int:
     echo(args, *lines)
     write_json(args, report)
     return 0
+
+
+def add_overhead(p: argparse.ArgumentParser) -> None:
+    from tta_runtime.evaluation.bench_overhead import SECTIONS
+
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    p.add_argument("--calls", type=int, default=30, help="timed calls per candidate (Tent; x3 for the faster sections)")
+    p.add_argument("--slot-calls", type=int, default=5, help="timed calls per candidate of the Slot-TTA section")
+    p.add_argument("--busy-rounds", type=int, default=4, help="idle/busy pairs of the busy-core section")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every section but busy_core")
+    p.set_defaults(func=_overhead)
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    from tta_runtime.evaluation.bench_overhead import SECTIONS, bench_overhead
+
+    from tta_runtime.errors import ConfigError
+
+    sections = tuple(csv(args.sections))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        raise ConfigError(f"--sections: unknown {unknown} (choose from {', '.join(SECTIONS)})")
+    for flag, value in (("--calls", args.calls), ("--slot-calls", args.slot_calls), ("--busy-rounds", args.busy_rounds),
+                        ("--threads", args.threads)):
+        check_range(value, flag, 1, 10_000)
+    with busy(args, "bench overhead") as note:
+        report = bench_overhead(sections=sections, calls=args.calls, slot_calls=args.slot_calls,
+                                busy_rounds=args.busy_rounds, threads=args.threads, progress=note)
+    report["command"] = command_line(args)
+    echo(args, *_overhead_lines(report))
+    write_json(args, report)
+    return 0
+
+
+def _overhead_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for b in ("batch_64", "batch_1"):
+        entry = report.get("tent", {}).get(b)
+        if entry:
+            r, bn = entry["ratio_to_reference"], entry["bn_stats"]["ratio_to_reference"]
+            lines.append(f"tent {b}: runtime {r['runtime']:.2f}x, with the reference's semantics "
+                         f"{r['runtime_reference_semantics']:.2f}x; bn_stats {bn['runtime']:.2f}x, without OOD {bn['runtime_no_ood']:.2f}x")
+    if "slot_tta_fast" in report:
+        r = report["slot_tta_fast"]["ratio_to_reference"]
+        lines.append(f"slot_tta_fast: runtime {r['runtime']:.2f}x, without OOD {r['runtime_no_ood']:.2f}x")
+    if "frozen_segmenter" in report:
+        f = report["frozen_segmenter"]
+        lines.append(f"segmenter predict, batch 1: {f['ratio_to_reference']['runtime']:.2f}x the eager decoder "
+                     f"(max |diff| masks {f['max_abs_diff']['masks']:.1e})")
+    for model, entry in report.get("pruning", {}).items():
+        for b in ("batch_1", "batch_64"):
+            if b in entry:
+                ratio = entry[b]["ratio_to_reference"]
+                lines.append(f"{model} {entry['variant']} {b}: {next(iter(ratio.values())):.2f}x dense (path {entry.get('path')})")
+    if "busy_core" in report:
+        for label in ("library_defaults", "one_thread_per_core"):
+            e = report["busy_core"][label]
+            lines.append(f"busy core, {label} ({e['threads_used']} thread(s)): {e['ratio_busy_to_idle']:.2f}x idle")
+    return lines

@@ -265,3 +265,10 @@ def check_range(value: Any, flag: str, lo: float | None = None, hi: float | None
                   else f">= {num(lo)}" if lo is not None else f"<= {num(hi)}")
         raise ConfigError(f"{flag} must be {within}; got {value!r}")
     return value
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """`--threads N` for commands that run a Runtime (RuntimeOptions.threads)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per request (default: chosen from the work size: 1 for small models, so a busy "
+                        "machine does not slow it down; see the README's 'threads')")

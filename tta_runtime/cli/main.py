@@ -75,6 +75,8 @@ COMMANDS: tuple[Command, ...] = (
             json=True, long=True),
     Command("bench serve", bench_serve.add_serve, "HTTP load on a local server: throughput, p50/p95/p99, status counts, RSS, "
             "beside an in-process predict loop", json=True, long=True, extra="serve"),
+    Command("bench overhead", bench.add_overhead, "the runtime beside the reference loops (Tent, BN stats, Slot-TTA), the "
+            "frozen segmenter, pruning and a busy core: ratios in one run", json=True, long=True, extra="digits"),
     Command("bench backends", bench.add_backends, "latency/throughput of the frozen path per backend (PyTorch, ONNX Runtime, TensorRT)",
             json=True, long=True, extra="onnx"),
 )

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tta_runtime.cli.common import command_line, echo, fail, output_path, quiet, step_bar, write_json
+from tta_runtime.cli.common import add_threads, command_line, echo, fail, output_path, quiet, step_bar, write_json
 
 
 def _fmt_seconds(s: float) -> str:
@@ -21,6 +21,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/demo", help="folder for overlay.png, loss.png, result.json")
+    add_threads(p)
     p.set_defaults(func=_demo)
 
 
@@ -34,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     output_path(str(Path(args.out) / "overlay.png"), "--out")
     image = args.image or sample_image_path()
-    overrides: dict[str, Any] = {"device": args.device}
+    overrides: dict[str, Any] = {"device": args.device, "threads": args.threads}
     if args.recipe:
         overrides["recipe"] = args.recipe
     if args.steps is not None:
@@ -153,6 +154,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overlay", default=None, help="one image: write its mask overlay PNG here (several: use --save)")
+    add_threads(p)
     p.epilog = (
         "One image without --save prints its result as JSON. Several images (or --save) make a summary: per image "
         "ok or error, OOD score, label or slots, time; it is printed, or written to DIR/summary.json with --save. "
@@ -183,7 +185,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--overlay writes one image's overlay; {len(images)} images were given: use --save DIR "
                           "(one NAME.overlay.png per image)")
     save = _save_dir(args.save)
-    rt = Runtime.from_pretrained(args.model, device=args.device, **({"recipe": args.recipe} if args.recipe else {}))
+    rt = Runtime.from_pretrained(args.model, device=args.device, threads=args.threads,
+                                 **({"recipe": args.recipe} if args.recipe else {}))
     if args.overlay and rt.task != "segmentation":
         raise ConfigError(f"--overlay draws a segmenter's slot masks; {rt.name!r} is a {rt.task} model, whose result "
                           "is its JSON: drop --overlay")

@@ -15,7 +15,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="worker threads, each with its own Runtime per model")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads of the process (default: cores // workers, at least 1)")
+                   help="intra-op threads per request (default: chosen from the work size, shared between busy workers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-queue", type=int, default=None, help="requests waiting beyond the busy workers (past it: 429)")
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds (past it: 504)")

@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from tta_runtime.cli.common import (
+    add_threads,
     command_line,
     echo,
     fail,
@@ -45,6 +46,7 @@ def add_stream(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default=None, help="annotated video to write (.mp4, fourcc mp4v)")
     s.add_argument("--model", default=None)
     s.add_argument("--device", default="cpu")
+    add_threads(s)
     s.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"adaptation recipe (default {DEFAULT_RECIPE})")
     s.add_argument("--adapt", choices=ADAPT_MODES, default="always")
     s.add_argument("--steps-per-frame", type=int, default=DEFAULT_STEPS_PER_FRAME)
@@ -180,7 +182,7 @@ def _stream(args: argparse.Namespace) -> int:
     if args.frame_png and frame_index is None:
         frame_index = (shift_at + 3 * (n_truth - shift_at) // 4) if shift_at is not None and n_truth else 0
 
-    rt = Runtime.from_pretrained(args.model, device=args.device)
+    rt = Runtime.from_pretrained(args.model, device=args.device, threads=args.threads)
     opts = {
         "recipe": args.recipe, "steps_per_frame": args.steps_per_frame, "latency_budget_ms": args.latency_budget_ms,
         "restore_prob": args.restore_prob, "reset_on_cut": args.reset_on_cut, "reset_on_collapse": args.reset_on_collapse,

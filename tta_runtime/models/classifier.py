@@ -99,7 +99,11 @@ class AdaptiveBatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
             )
-        var_b, mean_b = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # (C,), (C,)
+        # the batch's statistics in two passes (mean, then the mean square deviation): the same numbers as
+        # torch.var_mean over (0, 2, 3), whose strided reduction is several times slower on the CPU
+        mean_b = x.mean(dim=(0, 2, 3))
+        dev = x - mean_b[None, :, None, None]
+        var_b = (dev * dev).mean(dim=(0, 2, 3))  # (C,), biased
         if self.stat_mode == "batch":
             mean, var = mean_b, var_b
         else:  # prior
@@ -107,11 +111,15 @@ class AdaptiveBatchNorm2d(nn.BatchNorm2d):
             w = n / (self.prior + n)  # weight of the batch; the source statistics get 1 - w
             mean = (1 - w) * self.running_mean + w * mean_b
             var = (1 - w) * self.running_var + w * var_b
-        # written out (not F.batch_norm) so gradients flow through the batch statistics; buffers untouched
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if not torch.is_grad_enabled():  # no gradient wanted: the fused kernel, one pass over x
+            return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+        # with autograd: as a per-channel scale and shift (not F.batch_norm, whose statistics take no gradient), so
+        # gradients flow through the batch statistics; one fused pass over x; buffers untouched
+        scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+            scale = scale * self.weight
+        shift = -mean * scale if not self.affine else self.bias - mean * scale
+        return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stat_mode={self.stat_mode!r}, prior={self.prior}"

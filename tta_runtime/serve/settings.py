@@ -20,8 +20,8 @@ class ServeSettings(_Frozen):
     device: str = Field("cpu", description="device of every Runtime ('cpu', 'cuda', 'cuda:1', 'mps')")
     workers: int = Field(1, ge=1, le=64, description="worker threads, each with its own Runtime of every model")
     threads: int | None = Field(
-        None, ge=1, le=256, description="torch intra-op threads of the process; None = cores // workers (at least 1), "
-        "so that the workers together never oversubscribe the machine",
+        None, ge=1, le=256, description="intra-op threads per request; None = each Runtime's own choice from the "
+        "work size, shared between the workers busy at the moment, so that together they never oversubscribe the machine",
     )
     max_queue: int = Field(16, ge=0, le=10_000, description="requests waiting for a worker beyond the busy ones; past it: 429")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="per-request deadline (queue + work); past it: 504")
