@@ -146,3 +146,18 @@ def test_score_ood_off_skips_the_frozen_pass_and_changes_no_answer(ood_image: np
     assert np.array_equal(p.segmentation, on.predict(ood_image).segmentation) and math.isnan(p.ood_score)
     with pytest.raises(ConfigError, match="score_ood"):
         off.adapt_and_predict(ood_image, adapt="when_ood")
+
+
+def test_bench_overhead_writes_its_ratios(tmp_path, capsys) -> None:
+    import json
+
+    from tta_runtime.cli.main import main
+
+    out = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--sections", "frozen_segmenter", "--calls", "2", "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    seg = report["frozen_segmenter"]
+    assert seg["ratio_to_reference"]["runtime"] > 0 and seg["max_abs_diff"]["masks"] < 1e-4 and seg["same_segmentation"]
+    assert report["command"].startswith("tta-runtime bench overhead") and "the eager decoder" in capsys.readouterr().out
+    assert main(["bench", "overhead", "--sections", "tent,nope", "--no-progress"]) == 2
+    assert "unknown ['nope']" in capsys.readouterr().err

@@ -166,12 +166,19 @@ class Adapter:
             num_classes=int(getattr(model, "num_classes", 0) or (head.out_features if isinstance(head, nn.Linear) else 0)),
         )
         self._methods: dict[str, Method] = {}  # one instance per method name: some keep state across calls
+        self._selected: dict[str, dict[str, nn.Parameter]] = {}  # params spec -> the parameters it selects
         self.method: Method = self._method(cfg.method)
         self._optimizer: torch.optim.Optimizer | None = None
         self._opt_key: tuple[object, ...] | None = None
         # Stochastic restore's masks: one generator for the adapter's life (until reset), so that a continual
         # stream does not draw the same masks on every frame.
         self._restore_gen: torch.Generator | None = None
+
+    def _chosen(self, spec: str) -> dict[str, nn.Parameter]:
+        """`select_parameters(model, spec)`, looked up once per spec (the model's structure does not change)."""
+        if spec not in self._selected:
+            self._selected[spec] = select_parameters(self.model, spec)
+        return self._selected[spec]
 
     @property
     def loaded_state(self) -> dict[str, torch.Tensor]:
@@ -205,13 +212,18 @@ class Adapter:
         self._methods.clear()
         self.method = self._method(self.cfg.method)
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: t.detach().clone() for k, t in _state_tensors(self.model).items()}
+    def _snapshot(self, chosen: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """What a call can change: the chosen parameters (the optimizer, stochastic restore, rollbacks) and the
+        buffers (BatchNorm statistics in 'ema' mode). The other parameters do not take gradients."""
+        with torch.no_grad():
+            return {**{k: p.detach().clone() for k, p in chosen.items()},
+                    **{k: b.detach().clone() for k, b in self.model.named_buffers()}}
 
     def _restore(self, snap: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, t in _state_tensors(self.model).items():
-                t.copy_(snap[k])
+                if k in snap:
+                    t.copy_(snap[k])
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(
@@ -230,14 +242,14 @@ class Adapter:
         check_recipe_fits(cfg, self.task)
         method = self._method(cfg.method)
         model = self.model
-        chosen = select_parameters(model, cfg.params)
+        chosen = self._chosen(cfg.params)
         report = AdaptationReport(
             recipe=self.recipe_name if cfg is self.cfg else cfg.name, method=cfg.method, mode=cfg.mode,
             params=cfg.params, params_adapted=sum(p.numel() for p in chosen.values()),
             steps_requested=cfg.steps, device=str(image.device),
         )
         t0 = time.perf_counter()
-        start_state = self._snapshot()  # on the model's device; restores episodic calls and failures
+        start_state = self._snapshot(chosen)  # on the model's device; restores episodic calls and failures
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
         hooks: list[Any] = []
         ok = False
