@@ -105,5 +105,6 @@ def pruning_info(model: torch.nn.Module, variant: str | None, n: int) -> list[di
     if kept.shape[0] != n:  # a batch-level mask union (never for the frozen path): report it for each image
         kept, macs = kept.expand(n, -1), macs.expand(n)
     path = getattr(model, "last_path", None)
-    return [{"variant": variant, "kept_fraction": [round(float(v), 4) for v in kept[i] / widths],
-             "macs_fraction": round(float(macs[i]), 4), **({"path": path} if path else {})} for i in range(n)]
+    shares, fractions = (kept / widths).tolist(), torch.as_tensor(macs).tolist()  # one conversion each, not per value
+    return [{"variant": variant, "kept_fraction": [round(v, 4) for v in shares[i]], "macs_fraction": round(fractions[i], 4),
+             **({"path": path} if path else {})} for i in range(n)]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta_runtime.config import SegmenterConfig
+from tta_runtime.models.modes import frozen_call
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,10 +133,8 @@ def eager_decoder() -> Iterator[None]:
 
 
 def _frozen_call(t: torch.Tensor) -> bool:
-    """True for a plain forward without autograd: no gradient wanted, not traced for export, not under a
-    torch.func transform (vmap), so the decoder may run tiled and in place."""
-    return _TILED[0] and not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                              or torch._C._functorch.is_functorch_wrapped_tensor(t))
+    """`frozen_call` outside `eager_decoder()`: the decoder may run tiled and in place."""
+    return _TILED[0] and frozen_call(t)
 
 
 def _rows(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:

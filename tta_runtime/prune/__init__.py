@@ -3,7 +3,8 @@
 - ``predictors``: units, FTWT targets, mask predictors, ``FTWTClassifier`` (mask-multiply), cost accounting;
 - ``fixed``: masks held fixed during adaptation, the deployable ``PrunedClassifier``;
 - ``segmenter``: the slot segmenter's pruned encoder (``PrunedSegmenter``);
-- ``fast``: the gather and width-bucket paths of a classifier;
+- ``fast``: the gather path the pruned models run without autograd (``gathered_forward``: only the kept
+  channels, BatchNorm folded), and the static-k gather and width-bucket paths of a trained classifier;
 - ``variants``: ``<model>/prune/<name>/`` folders (``PruneCard``) and ``build_pruned``.
 
 Training (``train_ftwt``, ``train_ftwt_segmenter``) lives in ``tta_runtime.training``.
@@ -11,14 +12,22 @@ Training (``train_ftwt``, ``train_ftwt_segmenter``) lives in ``tta_runtime.train
 
 from tta_runtime.prune.fast import (
     BucketedClassifier,
+    FoldCache,
+    GatherUnit,
+    Gathered,
     GatheredClassifier,
     fit_buckets,
     fit_static_ks,
+    fold_norm,
+    foldable,
+    frozen_call,
+    gathered_forward,
     predicted_masks,
     static_ks,
 )
 from tta_runtime.prune.fixed import FixedMasks, PrunedClassifier, fit_fixed_masks
 from tta_runtime.prune.predictors import (
+    ChainMacs,
     ConvUnit,
     FTWTClassifier,
     FTWTOutput,
@@ -53,11 +62,15 @@ __all__ = [
     "PRUNE_CARD",
     "PRUNE_DIR",
     "BucketedClassifier",
+    "ChainMacs",
     "ConvUnit",
     "FTWTClassifier",
     "FTWTOutput",
     "FTWTSegmenterOutput",
     "FixedMasks",
+    "FoldCache",
+    "GatherUnit",
+    "Gathered",
     "GatheredClassifier",
     "MaskPredictor",
     "PrunedClassifier",
@@ -72,7 +85,11 @@ __all__ = [
     "fit_buckets",
     "fit_fixed_masks",
     "fit_static_ks",
+    "fold_norm",
+    "foldable",
+    "frozen_call",
     "ftwt_targets",
+    "gathered_forward",
     "load_prune_card",
     "load_pruned",
     "model_macs",

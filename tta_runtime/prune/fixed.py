@@ -18,13 +18,14 @@ from torch import nn
 
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.models.classifier import CNNClassifier
+from tta_runtime.prune.fast import FoldCache, GatherUnit, fold_norm, foldable, frozen_call, gathered_forward
 from tta_runtime.prune.predictors import (
+    ChainMacs,
+    ConvUnit,
     FTWTClassifier,
     MaskPredictor,
     choose_masks,
     conv_units,
-    predictor_macs,
-    unit_macs,
 )
 
 __all__ = ["FixedMasks", "PrunedClassifier", "fit_fixed_masks"]
@@ -51,6 +52,8 @@ class FixedMasks:
     _fixed: list[torch.Tensor] | None = None
     _pending: list[torch.Tensor] | None = None  # fixed_masks() without x: set by the next forward
     last_masks: list[torch.Tensor]
+    last_path: str = ""  # which path the latest forward ran: "gather" or "mask-multiply"
+    _kept: tuple[list[torch.Tensor], torch.Tensor] | None = None  # (last_masks, their kept counts)
 
     def _predict_masks(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -58,8 +61,9 @@ class FixedMasks:
     def _masks_in_force(self, batch: int) -> list[torch.Tensor] | None:
         return None if self._fixed is None else fit_fixed_masks(self._fixed, batch)
 
-    def _record(self, masks: list[torch.Tensor]) -> None:
+    def _record(self, masks: list[torch.Tensor], kept: torch.Tensor | None = None) -> None:
         self.last_masks = masks
+        self._kept = None if kept is None else (masks, kept)
         if self._pending is not None:  # the first forward of a fixed_masks() block decides
             self._pending.extend(m.clone() for m in masks)
             self._fixed, self._pending = self._pending, None
@@ -94,7 +98,10 @@ class FixedMasks:
         """(B, U) kept channels per unit of the latest forward."""
         if not self.last_masks:
             raise ConfigError("no forward has run yet: kept() describes the latest one")
-        return torch.stack([m.sum(1) for m in self.last_masks], 1)
+        held = self._kept
+        if held is None or held[0] is not self.last_masks:  # asked twice per request (kept, macs_fraction)
+            held = self._kept = (self.last_masks, torch.stack([m.sum(1) for m in self.last_masks], 1))
+        return held[1].clone()
 
 
 class PrunedClassifier(FixedMasks, CNNClassifier):
@@ -105,11 +112,19 @@ class PrunedClassifier(FixedMasks, CNNClassifier):
     ``with model.fixed_masks(x):``, are predicted once on ``x`` and reused: how adaptation composes with
     pruning (the loop's steps compute with the channels chosen for the input before adaptation).
     ``last_masks``: the masks of the latest forward, one (B, C_u) per unit (unit 0 all ones).
+
+    Two paths, the same numbers: without autograd (``frozen_call``) and with norm layers that fold (eval-mode
+    BatchNorm: ``foldable``), the gather path computes only the kept channels on BatchNorm-folded weights
+    (``tta_runtime.prune.fast.gathered_forward``); with gradients (adaptation), batch statistics or GroupNorm,
+    the mask-multiply path computes every channel and multiplies the masks on. ``last_path`` says which ran.
     """
 
     def __init__(self, cfg: Any, *, masks: str = "predict", ks: Sequence[int] | None = None) -> None:
         super().__init__(cfg)
-        units = conv_units(self)
+        self._units = units = conv_units(self)  # the modules never change; listing them costs a forward's 5%
+        pair = [u.conv.kernel_size[0] * u.conv.kernel_size[1] * u.size**2 for u in units]  # k x k x output pixels
+        widths = [u.conv.out_channels for u in units]
+        self._macs = ChainMacs(widths, pair, [j > 0 for j in range(len(units))], cfg.in_channels)
         if masks not in ("predict", "topk"):
             raise ConfigError(f"masks must be 'predict' or 'topk'; got {masks!r}")
         if masks == "topk":
@@ -120,6 +135,7 @@ class PrunedClassifier(FixedMasks, CNNClassifier):
         self.mask_mode = masks
         self.ks = None if ks is None else [int(k) for k in ks]
         self.last_masks = []
+        self._folds = FoldCache()
 
     @classmethod
     def from_ftwt(cls, model: FTWTClassifier, *, masks: str = "predict", ks: Sequence[int] | None = None) -> PrunedClassifier:
@@ -136,8 +152,18 @@ class PrunedClassifier(FixedMasks, CNNClassifier):
             )
         h = ((x - 0.5) / 0.5).contiguous(memory_format=torch.contiguous_format)
         fixed = self._masks_in_force(x.shape[0])
+        units = self._units
+        if frozen_call(x) and all(foldable(u.norm) for u in units):
+            run = gathered_forward(h, self._gather_units(units), self.mask_mode, self.ks, fixed)
+            self.last_path = "gather"
+            self._record(run.masks, run.kept)
+            feats = run.h.mean(dim=(2, 3))  # (B, k) of the last unit's kept channels
+            if run.channels is None:
+                return feats
+            return feats.new_zeros(x.shape[0], self.feature_dim).index_copy_(1, run.channels, feats)
+        self.last_path = "mask-multiply"
         applied = []
-        for j, unit in enumerate(conv_units(self)):
+        for j, unit in enumerate(units):
             if unit.pool_before:
                 h = F.max_pool2d(h, 2)
             z = None
@@ -157,10 +183,20 @@ class PrunedClassifier(FixedMasks, CNNClassifier):
     def _predict_masks(self, x: torch.Tensor) -> None:
         self.features(x)
 
+    def _gather_units(self, units: list[ConvUnit]) -> list[GatherUnit]:
+        """The units with their norms folded, cached until a weight or statistic changes (``FoldCache``)."""
+
+        def fold() -> list[GatherUnit]:
+            out = []
+            for j, u in enumerate(units):
+                pred = self.predictors[j - 1].fc if j else None
+                w, b = fold_norm(u.conv, u.norm)
+                predictor = None if pred is None else (pred.weight.detach(), pred.bias.detach())
+                out.append(GatherUnit(w, b, u.conv.padding[0], u.pool_before, predictor))  # type: ignore[index]
+            return out
+
+        return self._folds.get(self, fold)
+
     def macs_fraction(self) -> torch.Tensor:
         """(B,) conv MACs of the latest forward as a fraction of the dense model's (predictors counted)."""
-        units = conv_units(self)
-        kept = self.kept().to(torch.float64)
-        full = torch.tensor([[u.conv.out_channels for u in units]], dtype=torch.float64)
-        spent = unit_macs(units, kept, in_channels=self.cfg.in_channels).sum(1) + predictor_macs(units, kept)
-        return spent / unit_macs(units, full, in_channels=self.cfg.in_channels).sum(1)
+        return self._macs(self.kept())

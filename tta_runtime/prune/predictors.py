@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +32,7 @@ from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.models.classifier import CNNClassifier
 
 __all__ = [
+    "ChainMacs",
     "ConvUnit",
     "FTWTClassifier",
     "FTWTOutput",
@@ -259,3 +261,27 @@ def predictor_macs(units: Sequence[ConvUnit], kept: torch.Tensor) -> torch.Tenso
     for u in range(1, len(units)):
         total = total + kept[:, u - 1] * units[u].conv.out_channels
     return total
+
+
+class ChainMacs:
+    """MACs of a chain of convs, as a fraction of the dense chain's: conv u costs kept_in x kept_out x
+    ``per_channel_pair[u]`` (k x k x output pixels), kept_in = kept[:, u-1] (``in_channels`` for u = 0); a conv
+    with ``predicted[u]`` adds its predictor's Linear, kept_in x widths[u]. The same sums as ``unit_macs`` +
+    ``predictor_macs`` (and the segmenter's ``encoder_macs``), in numpy with the constants prepared once: a
+    per-request figure should not cost more than the pruned convs save."""
+
+    def __init__(
+        self, widths: Sequence[int], per_channel_pair: Sequence[float], predicted: Sequence[bool], in_channels: int = 3
+    ) -> None:
+        full = np.asarray(widths, dtype=np.float64)
+        self.pair = np.asarray(per_channel_pair, dtype=np.float64)
+        self.pred = np.where(np.asarray(predicted, dtype=bool), full, 0.0)
+        self.in_channels = float(in_channels)
+        self.dense = float((np.concatenate([[self.in_channels], full[:-1]]) * full * self.pair).sum())
+
+    def __call__(self, kept: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 fraction for ``kept`` (B, U) kept output channels per conv."""
+        k = kept.detach().to("cpu", torch.float64).numpy()
+        k_in = np.empty_like(k)
+        k_in[:, 0], k_in[:, 1:] = self.in_channels, k[:, :-1]
+        return torch.from_numpy((k_in * (k * self.pair + self.pred)).sum(axis=1) / self.dense)

@@ -18,8 +18,10 @@ the Adapter and the exporters see the same model) and adds ``predictors``; only 
 Adaptation composes with pruning through ``fixed_masks()`` (``tta_runtime.prune.fixed.FixedMasks``): the
 runtime opens the block around the adaptation loop, the loop's first forward chooses the channels and every
 later step computes with them (the decisions do not drift while the weights adapt). Costs are theoretical
-MACs (``encoder_macs``): masks are multiplied onto full convolutions, so the PyTorch path is not faster; a
-gather path would be (see ``tta_runtime.prune.fast``).
+MACs (``encoder_macs``). Two paths compute the same features: with gradients (adaptation, training) the
+masks multiply full convolutions; without (``tta_runtime.prune.fast.frozen_call``: predict, the adaptation
+loop's final forward) each conv computes only the kept channels (``gathered_forward``), which is what makes
+the pruned encoder faster. ``last_path`` says which ran ("gather" or "mask-multiply").
 
 Training (FTWT's decoupled training with the segmenter's own loss) lives in ``tta_runtime.training.ftwt``.
 """
@@ -36,8 +38,9 @@ from torch import nn
 from tta_runtime.config import SegmenterConfig
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.models.segmenter import SegmenterOutput, SlotSegmenter
+from tta_runtime.prune.fast import FoldCache, GatherUnit, frozen_call, gathered_forward
 from tta_runtime.prune.fixed import FixedMasks
-from tta_runtime.prune.predictors import MaskPredictor, choose_masks, ftwt_targets
+from tta_runtime.prune.predictors import ChainMacs, MaskPredictor, choose_masks, ftwt_targets
 
 __all__ = [
     "FTWTSegmenterOutput",
@@ -152,6 +155,9 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
         self.mask_mode = masks
         self.ks = None if ks is None else [int(k) for k in ks]
         self.last_masks = []
+        self._folds = FoldCache()
+        per_pair = [cfg.encoder_kernel**2 * cfg.resolution**2] * cfg.encoder_layers  # k x k x output pixels
+        self._macs = ChainMacs(widths, per_pair, [u in self._pruned for u in range(cfg.encoder_layers)], in_channels=3)
 
     @classmethod
     def from_segmenter(
@@ -173,9 +179,8 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
         self, image: torch.Tensor, *, r: float | None = None, logits_grad: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None]]:
         """features (B, S*S, D), applied masks, predictor logits and targets (per unit)."""
-        if image.ndim != 4 or image.shape[1] != 3 or image.shape[-1] != self.cfg.resolution or image.shape[-2] != self.cfg.resolution:
-            s = self.cfg.resolution
-            raise InvalidInputError(f"expected a (B, 3, {s}, {s}) float tensor in [0, 1]; got shape {tuple(image.shape)}")
+        self._check_image(image)
+        self.last_path = "mask-multiply"
         fixed = self._masks_in_force(image.shape[0])
         h = image
         masks: list[torch.Tensor] = []
@@ -202,12 +207,37 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
         x = h.flatten(2).transpose(1, 2)  # (B, N, D)
         return x + self.encoder.pos(self.encoder.grid), masks, logits, targets
 
+    def _check_image(self, image: torch.Tensor) -> None:
+        s = self.cfg.resolution
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[-1] != s or image.shape[-2] != s:
+            raise InvalidInputError(f"expected a (B, 3, {s}, {s}) float tensor in [0, 1]; got shape {tuple(image.shape)}")
+
+    def _gather_units(self) -> list[GatherUnit]:
+        """The encoder convs for ``gathered_forward`` (no norm to fold): the pruned ones with their predictors."""
+        pruned = {u: self.predictors[i].fc for i, u in enumerate(self._pruned)}
+        units = []
+        for u in range(self.cfg.encoder_layers):
+            conv, fc = self._conv(u), pruned.get(u)
+            predictor = None if fc is None else (fc.weight.detach(), fc.bias.detach())
+            weight, bias = conv.weight.detach(), conv.bias.detach()  # type: ignore[union-attr]
+            units.append(GatherUnit(weight, bias, conv.padding[0], False, predictor))  # type: ignore[index]
+        return units
+
     def _predict_masks(self, x: torch.Tensor) -> None:
-        self._run_encoder(x)
+        self.encode(x)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> features (B, S*S, D), with the masks applied (``last_masks`` updated)."""
-        return self._run_encoder(image)[0]
+        """(B, 3, S, S) in [0, 1] -> features (B, S*S, D), with the masks applied (``last_masks`` updated).
+        Without autograd, only the kept channels are computed (the gather path, the same numbers)."""
+        if not frozen_call(image):
+            return self._run_encoder(image)[0]
+        self._check_image(image)
+        fixed = self._masks_in_force(image.shape[0])
+        units = self._folds.get(self, self._gather_units)  # rebuilt (with empty slice caches) when weights change
+        run = gathered_forward(image, units, self.mask_mode, self.ks, fixed, channels_last_from=1)
+        self.last_path = "gather"
+        self._record(run.masks, run.kept)
+        return run.h.flatten(2).transpose(1, 2) + self.encoder.pos(self.encoder.grid)  # (B, D, S, S) -> (B, N, D)
 
     def ftwt_forward(self, image: torch.Tensor, *, r: float, pixel_idx: torch.Tensor | None = None) -> FTWTSegmenterOutput:
         """The training forward: masked model output plus predictor logits (gradient to the predictors only,
@@ -219,8 +249,4 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
         """(B,) encoder conv MACs plus predictor MACs of the latest forward as a fraction of the dense
         encoder's conv MACs. The predictors always count, so all-ones masks give 1 + (predictor MACs / dense
         encoder MACs)."""
-        kept = self.kept().to(torch.float64)
-        full = torch.tensor([encoder_widths(self.cfg)], dtype=torch.float64)
-        spent = encoder_macs(self.cfg, kept).sum(1)
-        spent = spent + encoder_predictor_macs(self.cfg, kept)
-        return spent / encoder_macs(self.cfg, full).sum(1)
+        return self._macs(self.kept())
