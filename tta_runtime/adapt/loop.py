@@ -221,9 +221,8 @@ class Adapter:
 
     def _restore(self, snap: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for k, t in _state_tensors(self.model).items():
-                if k in snap:
-                    t.copy_(snap[k])
+            state = _state_tensors(self.model)
+            torch._foreach_copy_([state[k] for k in snap], list(snap.values()))
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(
@@ -250,7 +249,8 @@ class Adapter:
         )
         t0 = time.perf_counter()
         start_state = self._snapshot(chosen)  # on the model's device; restores episodic calls and failures
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        named = dict(model.named_parameters())
+        flags = {n: p.requires_grad for n, p in named.items()}
         hooks: list[Any] = []
         ok = False
         classifier = self.task == "classification"
@@ -259,7 +259,7 @@ class Adapter:
 
             set_norm_mode(model, cfg.norm_stats, cfg.norm_prior, cfg.norm_momentum)
         try:
-            for n, p in model.named_parameters():
+            for n, p in named.items():
                 p.requires_grad_(n in chosen)
             params = list(chosen.values())
             # A carried optimizer is reused only for the same parameters and the same optimizer settings.
@@ -368,7 +368,7 @@ class Adapter:
         finally:
             for h in hooks:
                 h.remove()
-            for n, p in model.named_parameters():
+            for n, p in named.items():
                 p.requires_grad_(flags[n])
                 p.grad = None
             if classifier:

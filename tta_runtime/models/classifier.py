@@ -233,8 +233,8 @@ def set_norm_mode(model: nn.Module, mode: str, prior: float = 16.0, ema_momentum
     n = 0
     for m in model.modules():
         if isinstance(m, AdaptiveBatchNorm2d):
-            m.stat_mode, m.prior = mode, float(prior)
-            m.ema_momentum, m._ema_pending = float(ema_momentum), mode == "ema"
+            # plain attributes, set without nn.Module.__setattr__'s checks (called twice per adaptation call)
+            m.__dict__.update(stat_mode=mode, prior=float(prior), ema_momentum=float(ema_momentum), _ema_pending=mode == "ema")
             n += 1
     return n
 
