@@ -140,6 +140,12 @@ def lr_at(cfg: AdaptConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every element of every tensor finite: the largest magnitude per tensor (one batched op; NaN and inf
+    propagate through it) is finite, checked with one synchronisation."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
@@ -313,7 +319,7 @@ class Adapter:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad for p in params if p.grad is not None]
-                if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+                if grads and not _all_finite(grads):
                     self._rollback(params, last_good, report, f"non-finite gradient at step {step}")
                     break
                 with torch.no_grad():  # these weights gave a finite loss and gradient: the last good ones
@@ -329,7 +335,7 @@ class Adapter:
                 opt.step()
                 if cfg.restore_prob > 0:
                     self._stochastic_restore(chosen, cfg)
-                if not all(torch.isfinite(p).all() for p in params):
+                if not _all_finite([p.detach() for p in params]):
                     self._rollback(params, last_good, report, f"non-finite weights after step {step}")
                     break
                 report.steps_run = step + 1

@@ -123,7 +123,6 @@ def _slot_section(calls: int, note: Progress, threads: int) -> dict[str, Any]:
 
     note("slot_tta_fast")
     rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta_fast", threads=threads)
-    lean = tta_runtime.Runtime.from_pretrained(recipe="slot_tta_fast", score_ood=False, threads=threads)
     cfg = rt.recipe
     image = sample_image_path()
     x = rt._prepare([image], "rgb")[0].tensor  # the same model-size tensor the runtime adapts on
@@ -156,8 +155,7 @@ def _slot_section(calls: int, note: Progress, threads: int) -> dict[str, Any]:
         model.load_state_dict(state0)
         return final
 
-    times = interleaved_latency({"reference": reference, "runtime": lambda: rt.adapt_and_predict(image),
-                                 "runtime_no_ood": lambda: lean.adapt_and_predict(image)}, calls=calls, warmup=1)
+    times = interleaved_latency({"reference": reference, "runtime": lambda: rt.adapt_and_predict(image)}, calls=calls, warmup=1)
     return {"recipe": cfg.name, "steps": cfg.steps, "pixel_fraction": cfg.pixel_fraction, **_ratios(times, "reference")}
 
 
@@ -272,7 +270,7 @@ def _busy_section(rounds: int, note: Progress) -> dict[str, Any]:
 SECTIONS = ("tent", "slot_tta_fast", "frozen_segmenter", "pruning", "busy_core")
 
 
-def bench_overhead(*, sections: tuple[str, ...] = SECTIONS, calls: int = 30, slot_calls: int = 5, busy_rounds: int = 4,
+def bench_overhead(*, sections: tuple[str, ...] = SECTIONS, calls: int = 30, slot_calls: int = 15, busy_rounds: int = 4,
                    threads: int = 1, progress: Progress | None = None) -> dict[str, Any]:
     """Run the chosen sections (see the module's docstring); the process's threads are `threads` for all but busy_core."""
     from tta_runtime.evaluation.common import hardware
