@@ -143,8 +143,9 @@ def _root_logging_restored():
     must not change what later tests' caplog sees."""
     import logging
 
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    root, frozen = logging.getLogger(), logging.getLogger("tta_runtime.frozen")  # the CLI quiets the latter
+    level, handlers, frozen_level = root.level, list(root.handlers), frozen.level
     yield
     root.setLevel(level)
     root.handlers[:] = handlers
+    frozen.setLevel(frozen_level)

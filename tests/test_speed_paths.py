@@ -161,3 +161,21 @@ def test_bench_overhead_writes_its_ratios(tmp_path, capsys) -> None:
     assert report["command"].startswith("tta-runtime bench overhead") and "the eager decoder" in capsys.readouterr().out
     assert main(["bench", "overhead", "--sections", "tent,nope", "--no-progress"]) == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_counting_flops_leaves_the_models_buffers_alone() -> None:
+    from tta_runtime.threads import forward_flops
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.conv(x)
+
+    m = Counting()
+    flops = forward_flops(m, 8, torch.device("cpu"))
+    assert flops == 2 * 4 * 3 * 9 * 6 * 6 and float(m.calls) == 0.0

@@ -252,6 +252,25 @@ def builder_of(architecture: str) -> str | None:
     return architecture[len(PYTHON_ARCHITECTURE):] if architecture.startswith(PYTHON_ARCHITECTURE) else None
 
 
+class ModelScope(_Frozen):
+    """What a model is for and where it stops: `info` and the README show it; the runtime warns past `far_ood_level`."""
+
+    intended_use: str = Field("", max_length=4000)
+    limitations: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=64)
+    far_ood_scorer: str | None = Field(None, description="the OOD scorer whose score far_ood_level is on")
+    far_ood_level: float | None = Field(
+        None, ge=-1e9, le=1e9, description="a score above it is far outside the training world: the runtime logs a "
+        "warning and the CLI says the output is unreliable",
+    )
+    far_ood_evidence: str = Field("", max_length=2000, description="how the level was chosen, with the command")
+
+    @model_validator(mode="after")
+    def _pair(self) -> ModelScope:
+        if (self.far_ood_scorer is None) != (self.far_ood_level is None):
+            raise ValueError("far_ood_scorer and far_ood_level go together")
+        return self
+
+
 class ModelCard(_Frozen):
     """A shipped model's card (`card.json` in its folder)."""
 
@@ -278,6 +297,7 @@ class ModelCard(_Frozen):
     )
     default_recipe: str = "slot_tta"
     ood: OODStats | None = None
+    scope: ModelScope | None = Field(None, description="intended use, limitations and the far-OOD level")
     training: dict[str, Any] = Field(default_factory=dict, description="provenance: command, seed, steps, data, time")
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -8,6 +8,9 @@ against the card's statistics when it has them; classifiers: the energy score).
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,6 +19,8 @@ import torch
 from tta_runtime.config import ModelCard
 from tta_runtime.errors import ModelLoadError
 from tta_runtime.ood import Calibration, OODFeatures, features_from_output
+
+log = logging.getLogger(__name__)
 
 
 class OODScore(NamedTuple):
@@ -79,6 +84,41 @@ def ood_scores(feats: OODFeatures, calibration: Calibration | None, card: ModelC
     z = (mse.astype(np.float64) - stats.recon_mse_mean) / stats.recon_mse_std if stats.recon_mse_std else np.full(n, np.inf)
     _check_finite(z, 0.0, "the card's OOD statistics (ood.recon_mse_mean / recon_mse_std)")
     return [OODScore(float(s), "recon_mse_z", None, float(m)) for s, m in zip(z, mse)]
+
+
+def far_ood(score: OODScore, card: ModelCard) -> bool:
+    """The input scored above the card's far-OOD level (on that level's scorer): the output is unreliable."""
+    scope = card.scope
+    return bool(scope is not None and scope.far_ood_level is not None and score.scorer == scope.far_ood_scorer
+                and score.score > scope.far_ood_level)
+
+
+_FAR_REPEAT_S = 30.0
+"""While calls keep bringing far inputs (a video of the wrong world), the warning repeats at most this often."""
+_far_streak: dict[str, float] = {}  # model name -> when the current streak of far calls last warned
+
+
+def warn_far_ood(scores: list[OODScore], card: ModelCard) -> list[OODScore]:
+    """`scores`, after logging one warning for the inputs among them that scored far out of distribution (once per
+    streak of calls with far inputs, and again every `_FAR_REPEAT_S` seconds while it lasts)."""
+    far = [i for i, s in enumerate(scores) if far_ood(s, card)]
+    if not far:
+        _far_streak.pop(card.name, None)
+        return scores
+    now = time.monotonic()
+    if now - _far_streak.get(card.name, -math.inf) >= _FAR_REPEAT_S:
+        _far_streak[card.name] = now
+        scope = card.scope
+        assert scope is not None
+        what = "masks" if card.task == "segmentation" else "labels"
+        which = ("The input" if len(scores) == 1 else f"Input {far[0]} of {len(scores)}" if len(far) == 1
+                 else f"{len(far)} of {len(scores)} inputs")
+        log.warning(
+            "%s scored far outside what %s was trained on (%s %.3g > %g): its %s are unreliable (what the model is "
+            "for: its card's scope, `tta-runtime info %s`)",
+            which, card.name, scope.far_ood_scorer, max(scores[i].score for i in far), scope.far_ood_level, what, card.name,
+        )
+    return scores
 
 
 def _check_finite(scores: np.ndarray, threshold: float, source: str) -> None:

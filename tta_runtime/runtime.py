@@ -34,7 +34,7 @@ from tta_runtime.custom import check_trust, folder_model, folder_recipe
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
-from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, ood_scores
+from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, ood_scores, warn_far_ood
 from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
 from tta_runtime.ood import DEFAULT_CLASSIFIER_SCORER, load_calibration
 from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, pruning_info, segmenter_results
@@ -462,14 +462,14 @@ class Runtime:
             out, oods = self._ort(x)
             self._last_pruning = [None] * x.shape[0]
             if not self._weights_moved:
-                return out, [OODScore(*o) for o in oods]
+                return out, warn_far_ood([OODScore(*o) for o in oods], self.card)
         else:
             with torch.inference_mode():
                 out, feats = FeaturePass(self.model, self.task, embedding)(x)
             self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
         if self._weights_moved:
             feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state)
-        return out, ood_scores(feats, self.calibration, self.card)
+        return out, warn_far_ood(ood_scores(feats, self.calibration, self.card), self.card)
 
     def _items(self, image: Any) -> tuple[list[Any], bool]:
         batch = split_batch(image)

@@ -49,6 +49,7 @@ def forward_flops(model: torch.nn.Module, size: int, device: torch.device) -> fl
     """FLOPs of one forward of `model` on one blank (1, 3, size, size) image; inf when it cannot be counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}  # a forward may move statistics: not this one
     try:  # with autograd on: FlopCounterMode's module tracker needs grad functions (one small forward's graph)
         with torch.enable_grad(), FlopCounterMode(display=False, depth=None) as counter:
             model(torch.zeros(1, 3, size, size, device=device))
@@ -56,6 +57,11 @@ def forward_flops(model: torch.nn.Module, size: int, device: torch.device) -> fl
     except Exception as e:  # a user's model that does not run on a blank image: assume it is large
         log.info("could not count the model's FLOPs (%s: %s); threads sized as for a large model", type(e).__name__, e)
         return math.inf
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in buffers and b.shape == buffers[k].shape:
+                    b.copy_(buffers[k])
 
 
 class ThreadPolicy:

@@ -84,6 +84,8 @@ def configure_logging(args: argparse.Namespace) -> None:
 
     level = logging.INFO if verbose(args) else logging.ERROR if quiet(args) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # the commands print their own one-line far-OOD note per image (`far_ood_note`), not the library's log record
+    logging.getLogger("tta_runtime.frozen").setLevel(logging.ERROR)
 
 
 def verbose(args: argparse.Namespace) -> bool:
@@ -117,12 +119,16 @@ def fail(message: str) -> int:
     """One error line on stderr (a message of several lines is joined with '; '); the exit status of a usage error."""
     parts = [line.strip().removeprefix("- ") for line in str(message).splitlines()]
     text = "; ".join(p for p in parts if p).replace(":;", ":")
-    line = f"error: {text or 'failed'}"
+    _stderr_line(f"error: {text or 'failed'}")
+    return 2
+
+
+def _stderr_line(line: str) -> None:
+    """`line` on stderr, above the progress bar when one is drawn."""
     if "tqdm" in sys.modules and getattr(sys.modules["tqdm"].tqdm, "_instances", None):  # a bar is drawn: a line of its own
         sys.modules["tqdm"].tqdm.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
-    return 2
 
 
 def write_json(args: argparse.Namespace, report: Any, *, say: bool = True) -> Path | None:
@@ -272,3 +278,14 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per request (default: chosen from the work size: 1 for small models, so a busy "
                         "machine does not slow it down; see the README's 'threads')")
+
+
+def far_ood_note(args: argparse.Namespace, card: Any, result: Any, name: str) -> None:
+    """One stderr line when `result` scored above the card's far-OOD level (nothing with -q)."""
+    from tta_runtime.frozen import OODScore, far_ood
+
+    if quiet(args) or not far_ood(OODScore(result.ood_score, result.ood_scorer, result.is_ood, result.recon_mse), card):
+        return
+    what = "masks are" if card.task == "segmentation" else "label is"
+    _stderr_line(f"warning: {name} is far outside what {card.name} was trained on ({result.ood_scorer} "
+                 f"{result.ood_score:.1f} > {card.scope.far_ood_level:g}): its {what} unreliable")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tta_runtime.cli.common import add_threads, command_line, echo, fail, output_path, quiet, step_bar, write_json
+from tta_runtime.cli.common import add_threads, command_line, far_ood_note, echo, fail, output_path, quiet, step_bar, write_json
 
 
 def _fmt_seconds(s: float) -> str:
@@ -52,6 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"image   {image}",
     )
     before = rt.predict(image)
+    far_ood_note(args, rt.card, before, str(image))
     if before.is_ood is not None:  # calibrated: a threshold at 95% in-distribution TPR
         verdict = "OUT OF DISTRIBUTION" if before.is_ood else "in distribution"
         echo(args, f"OOD     score {before.ood_score:+.2f} ({before.ood_scorer}, threshold {rt.calibration.threshold:+.2f}) -> {verdict}")
@@ -192,6 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
                           "is its JSON: drop --overlay")
     if save is None and len(args.images) == 1 and images == [Path(args.images[0])]:  # one plain file: its result
         res = rt.adapt_and_predict(args.images[0]) if args.adapt else rt.predict(args.images[0])
+        far_ood_note(args, rt.card, res, args.images[0])
         if args.json is None:  # the result is printed unless it goes to a file
             args.json = "-"
         write_json(args, res.to_dict())
@@ -305,6 +307,8 @@ def _predict_many(args: argparse.Namespace, rt: Any, images: list[Path], save: P
         part = images[start : start + batch]
         for k, outcome in enumerate(_outcomes(rt, [str(p) for p in part], args.adapt)):
             target = None if save is None else save / f"{names[start + k]}.json"
+            if outcome[0] is not None:
+                far_ood_note(args, rt.card, outcome[0], str(part[k]))
             entries.append(_entry(part[k], outcome, target, args.overlay))
             if tick:
                 tick(start + k, None)
