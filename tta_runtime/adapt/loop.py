@@ -353,8 +353,6 @@ class Adapter:
             report.timings["adapt_s"] = time.perf_counter() - t_loop
 
             t_pred = time.perf_counter()
-            for h in hooks:
-                h.remove()
             if captured and report.steps_run > 0 and not report.rolled_back and is_dataclass(captured[0]):
                 last = captured[0]  # the forward before the last update, without its graph
                 final = replace(last, **{f.name: getattr(last, f.name).detach() for f in fields(last)})

@@ -44,12 +44,12 @@ def _ratios(times: dict[str, float], reference: str) -> dict[str, Any]:
             "ratio_to_reference": {k: round(v / times[reference], 3) for k, v in times.items() if k != reference}}
 
 
-def _norm_model(rt: Any) -> tuple[torch.nn.Module, list[torch.nn.Parameter], dict[str, torch.Tensor]]:
-    """A copy of `rt`'s classifier with only the norm affine parameters trainable, and its state for the reset."""
+def _trainable_copy(rt: Any, spec: str) -> tuple[torch.nn.Module, list[torch.nn.Parameter], dict[str, torch.Tensor]]:
+    """A copy of `rt`'s model with only the parameters `spec` selects trainable, and its state for the reset."""
     from tta_runtime.adapt.loop import select_parameters
 
     model = copy.deepcopy(rt.model)
-    chosen = select_parameters(model, "norm")
+    chosen = select_parameters(model, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in chosen.values():
@@ -67,7 +67,7 @@ def _tent_section(batches: tuple[int, ...], calls: int, note: Progress, threads:
     shipped, lean = load(recipe="tent"), load(recipe="tent", prediction="last_forward", score_ood=False)
     bn_rt, bn_lean = load(recipe="bn_stats"), load(recipe="bn_stats", score_ood=False)
     cfg = shipped.recipe
-    model, params, state0 = _norm_model(shipped)
+    model, params, state0 = _trainable_copy(shipped, "norm")
     images = corrupt(load_digits("test")[0][:64], "gaussian_noise", 3, seed=0)
     out: dict[str, Any] = {"recipe": cfg.name, "norm_stats": cfg.norm_stats, "norm_prior": cfg.norm_prior, "lr": cfg.lr}
     for b in batches:
@@ -117,7 +117,7 @@ def _tent_section(batches: tuple[int, ...], calls: int, note: Progress, threads:
 
 def _slot_section(calls: int, note: Progress, threads: int) -> dict[str, Any]:
     import tta_runtime
-    from tta_runtime.adapt.loop import lr_at, select_parameters
+    from tta_runtime.adapt.loop import lr_at
     from tta_runtime.hub import sample_image_path
     from tta_runtime.models.segmenter import image_targets
 
@@ -126,18 +126,12 @@ def _slot_section(calls: int, note: Progress, threads: int) -> dict[str, Any]:
     cfg = rt.recipe
     image = sample_image_path()
     x = rt._prepare([image], "rgb")[0].tensor  # the same model-size tensor the runtime adapts on
-    model = copy.deepcopy(rt.model)
-    chosen = select_parameters(model, cfg.params)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in chosen.values():
-        p.requires_grad_(True)
-    state0 = copy.deepcopy(model.state_dict())
+    model, params, state0 = _trainable_copy(rt, cfg.params)
     n_pix = x.shape[-1] * x.shape[-2]
     n_sub = max(1, round(n_pix * cfg.pixel_fraction))
 
     def reference() -> Any:
-        opt = torch.optim.Adam(list(chosen.values()), lr=cfg.lr)
+        opt = torch.optim.Adam(params, lr=cfg.lr)
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
             feats = model.encode(x)
