@@ -43,7 +43,24 @@ def add_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    add_scene_data(p)
     p.set_defaults(func=_segmenter)
+
+
+def add_scene_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world", choices=("shapes", "flat"), default="shapes",
+                   help="the generated family to train on: shapes (dark backgrounds, 2-4 objects) or flat (any "
+                   "background, 1-6 objects of seven shape families)")
+    p.add_argument("--dataset-size", type=int, default=None, help="a fixed set of N scenes, cycled (default: fresh scenes)")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="share of scenes with segmentation labels (the rest train reconstruction only), e.g. 0.1")
+
+
+def scene_data(args: argparse.Namespace) -> dict:
+    return {
+        "train_split": "flat/in_dist" if args.world == "flat" else "in_dist", "dataset_size": args.dataset_size,
+        "label_fraction": args.label_fraction,
+    }
 
 
 def _segmenter(args: argparse.Namespace) -> int:
@@ -66,6 +83,7 @@ def _segmenter(args: argparse.Namespace) -> int:
             "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight, "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every, "warmup": args.warmup, "lr_final_fraction": args.lr_final_fraction,
             "val_images": args.val_images, "init_from": args.init_from, "data_start": args.data_start,
+            **scene_data(args),
         },
         "train options",
     )
@@ -80,6 +98,10 @@ def add_unet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="models/slot-shapes-32/feedforward", help="baseline folder to write")
     p.add_argument("--run-dir", default="runs/feedforward", help="checkpoints and logs; re-run to resume")
     p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--name", default="unet-shapes-32")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--slots", type=int, default=8, help="mask channels K (the slot model's)")
+    add_scene_data(p)
     p.set_defaults(func=_unet)
 
 
@@ -91,7 +113,14 @@ def _unet(args: argparse.Namespace) -> int:
         train_feedforward,
     )
 
-    cfg = validate(FeedForwardTrainConfig, {"steps": args.steps}, "train unet options")
+    from tta_runtime.models.unet import FeedForwardConfig
+
+    model_cfg = validate(FeedForwardConfig, {"resolution": args.resolution, "num_slots": args.slots}, "train unet options")
+    cfg = validate(
+        FeedForwardTrainConfig,
+        {"name": args.name, "steps": args.steps, "model": model_cfg, **scene_data(args)},
+        "train unet options",
+    )
     model = train_feedforward(cfg, Path(args.run_dir), progress=progress(args))
     save_feedforward(model, cfg, args.out, command=command_line(args), run_dir=args.run_dir)
     echo(args, f"wrote baseline folder {args.out}")

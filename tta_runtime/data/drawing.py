@@ -74,6 +74,15 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray
         arm, half_width = 1.2 * r, 0.42 * r
         au, av = np.abs(u), np.abs(v)
         return ((au <= arm) & (av <= half_width)) | ((au <= half_width) & (av <= arm))
+    if shape == "pentagon":
+        return regular_polygon(u, v, sides=5, apothem=0.88 * r)
+    if shape == "hexagon":
+        return regular_polygon(u, v, sides=6, apothem=0.92 * r)
+    if shape == "crescent":
+        outer = 1.1 * r
+        return (u * u + v * v <= outer * outer) & ((u - 0.55 * outer) ** 2 + v * v > (0.85 * outer) ** 2)
+    if shape == "frame":
+        return regular_polygon(u, v, sides=4, apothem=1.0 * r) & ~regular_polygon(u, v, sides=4, apothem=0.5 * r)
     if shape == "ellipse":
         a, b = 1.55 * r, 0.55 * r  # axis ratio ~2.8, eccentricity ~0.93
         return (u / a) ** 2 + (v / b) ** 2 <= 1.0
@@ -102,6 +111,74 @@ def star(u: np.ndarray, v: np.ndarray, points: int, outer: float, inner: float) 
     qx, qy = inner * math.cos(half), inner * math.sin(half)
     # cross((Q - P), (p - P)) has the same sign as for the centre (which is positive) when inside
     return (qx - outer) * py - qy * (px - outer) >= 0
+
+
+def place_object(
+    rng: np.random.Generator, size: int, instances: np.ndarray, areas: list[int], *, shapes: tuple[str, ...],
+    radius_fraction: tuple[float, float], min_visible: float, min_pixels: int, tries: int = 30,
+) -> np.ndarray | None:
+    """A mask (H, W) bool for a new object that leaves every earlier object at least ``min_visible`` of its
+    own drawn area visible, or None after ``tries`` rejected draws (the caller drops the object).
+
+    ``instances`` (H, W) int64 holds the objects drawn so far (0 = background) and ``areas[k]`` object k's
+    drawn in-image area (``areas[0]`` unused). Each try draws, in this order: the shape, the nominal radius
+    (a fraction of the side), the centre (the radius as margin) and the shape's own random parameters.
+    """
+    for _ in range(tries):
+        shape = shapes[int(rng.integers(len(shapes)))]
+        radius = rng.uniform(*radius_fraction) * size
+        # the nominal radius as margin keeps the body inside; corners and spikes may clip a little
+        cy, cx = rng.uniform(radius, size - radius, size=2)
+        mask = random_shape_mask(shape, size, cy, cx, radius, rng)
+        if mask.sum() < min_pixels:
+            continue
+        visible = np.bincount(instances.ravel(), minlength=len(areas))
+        covered = np.bincount(instances[mask], minlength=len(areas))
+        remaining = visible[1:] - covered[1:]
+        if np.all(remaining >= min_visible * np.asarray(areas[1:])):
+            return mask
+    return None
+
+
+def random_shape_mask(
+    shape: str, size: int, cy: float, cx: float, r: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A mask (H, W) bool of ``shape`` centred at (cy, cx) with nominal radius ``r`` px, at a random turn
+    (half the squares axis-aligned); shapes with random parameters of their own draw them after the turn."""
+    if shape == "square" and rng.random() < 0.5:
+        theta = 0.0
+    else:
+        theta = rng.uniform(0, 2 * math.pi)
+    u, v = shape_frame(size, cy, cx, theta)
+    if shape in RANDOM_SHAPES:
+        return RANDOM_SHAPES[shape](u, v, r, rng)
+    return shape_mask(shape, u, v, r)
+
+
+def blob(u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth star-convex blob: radius r x (1 + sum of 2nd-4th harmonics, amplitudes up to 0.18 each)."""
+    phi = np.arctan2(v, u)
+    boundary = np.ones_like(phi)
+    for k in (2, 3, 4):
+        boundary += rng.uniform(0, 0.18) * np.cos(k * phi + rng.uniform(0, 2 * math.pi))
+    return np.hypot(u, v) <= r * boundary
+
+
+def stroke(u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
+    """A glyph-like stroke: a polyline of 2-3 segments with vertices inside the r-box, half-width
+    0.2-0.3 r (at least 0.75 px so it stays connected on the pixel grid)."""
+    n_vertices = int(rng.integers(3, 5))
+    points = rng.uniform(-r, r, size=(n_vertices, 2))
+    half_width = max(0.75, rng.uniform(0.2, 0.3) * r)
+    mask = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+    for (au, av), (bu, bv) in zip(points[:-1], points[1:]):
+        du, dv = bu - au, bv - av
+        t = np.clip(((u - au) * du + (v - av) * dv) / max(du * du + dv * dv, 1e-9), 0.0, 1.0)
+        mask |= (u - au - t * du) ** 2 + (v - av - t * dv) ** 2 <= half_width * half_width
+    return mask
+
+
+RANDOM_SHAPES = {"blob": blob, "stroke": stroke}
 
 
 # --------------------------------------------------------------------------------------------------

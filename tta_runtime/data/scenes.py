@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tta_runtime.data import flat_world
 from tta_runtime.data.common import (
     check_known,
     check_non_negative_int,
@@ -52,13 +53,15 @@ from tta_runtime.data.drawing import (
     RADIUS_FRACTION,
     background_colour,
     distinct_colours,
-    shape_frame,
-    shape_mask,
+    place_object,
 )
 from tta_runtime.data.textures import background_texture, texture_gray
 from tta_runtime.errors import ConfigError
 
-__all__ = ["HELD_OUT_HUE_BAND", "OOD_SPLITS", "SPLITS", "Scene", "generate_scene", "generate_scenes", "max_objects"]
+__all__ = [
+    "ALL_SPLITS", "HELD_OUT_HUE_BAND", "OOD_SPLITS", "SPLITS", "Scene", "generate_scene", "generate_scenes",
+    "max_objects", "world_splits",
+]
 
 SPLITS: tuple[str, ...] = (
     "in_dist",
@@ -70,6 +73,7 @@ SPLITS: tuple[str, ...] = (
     "unseen_shapes",
 )
 OOD_SPLITS: tuple[str, ...] = tuple(s for s in SPLITS if s != "in_dist")
+ALL_SPLITS: tuple[str, ...] = SPLITS + flat_world.FLAT_SPLITS
 
 # Seeds of the three scene sets: training, validation (recipes, calibration, model selection) and the
 # reported test scenes. Nothing is ever tuned on TEST_SEED.
@@ -132,12 +136,19 @@ _RECIPES: dict[str, _Recipe] = {
 def generate_scene(split: str, seed: int, index: int, size: int = 32) -> Scene:
     """Generate scene ``index`` of ``split`` for ``seed``, as a ``size`` x ``size`` image.
 
+    ``split`` is one of ``SPLITS`` or of the flat world's (`tta_runtime.data.flat_world`, ``flat/...``).
     Raises ``UnknownNameError`` for an unknown split and ``ConfigError`` for a bad seed, index or size.
     """
-    recipe = _recipe(split)
+    _check_split(split)
     _check_size(size)
     check_non_negative_int("seed", seed)
     check_non_negative_int("index", index)
+    if split.startswith(flat_world.PREFIX):
+        image, instances, corrupt = flat_world.render_flat_scene(split, seed, index, size)
+        if corrupt:
+            image = _corrupt(image, flat_world.flat_rng(seed, split, index), size)
+        return Scene(image=to_uint8(image), instances=instances, split=split, seed=int(seed))
+    recipe = _RECIPES[split]
 
     layout_split = "in_dist" if recipe.corrupt else split  # noise_blur shares in_dist layouts
     image, instances = _render(recipe, _scene_rng(seed, layout_split, index), size)
@@ -154,7 +165,7 @@ def generate_scenes(
     Returns ``images`` (n, size, size, 3) uint8 RGB and ``instances`` (n, size, size) int64.
     Scene i is identical to ``generate_scene(split, seed, i, size)``.
     """
-    _recipe(split)
+    _check_split(split)
     _check_size(size)
     check_non_negative_int("n", n)
     check_non_negative_int("start", start)
@@ -168,16 +179,24 @@ def generate_scenes(
 
 def max_objects(split: str) -> int:
     """The largest number of objects a scene of ``split`` can hold (to choose a slot count)."""
-    return _recipe(split).n_objects[1]
+    _check_split(split)
+    if split.startswith(flat_world.PREFIX):
+        return flat_world.recipe_of(split).n_objects[1]
+    return _RECIPES[split].n_objects[1]
+
+
+def world_splits(in_dist: str) -> tuple[str, ...]:
+    """The named OOD splits of the world whose training split is ``in_dist`` ("in_dist" or "flat/in_dist")."""
+    _check_split(in_dist)
+    return flat_world.FLAT_OOD_SPLITS if in_dist.startswith(flat_world.PREFIX) else OOD_SPLITS
 
 
 # --------------------------------------------------------------------------------------------------
 # Validation
 
 
-def _recipe(split: str) -> _Recipe:
-    check_known(split, SPLITS, "split", "splits")
-    return _RECIPES[split]
+def _check_split(split: str) -> None:
+    check_known(split, ALL_SPLITS, "split", "splits")
 
 
 def _check_size(size: object) -> None:
@@ -226,33 +245,10 @@ def _place(
     recipe: _Recipe, rng: np.random.Generator, size: int, instances: np.ndarray, areas: list[int]
 ) -> np.ndarray | None:
     """Find a mask (H, W) bool for a new object that leaves earlier objects visible enough, or None."""
-    min_pixels = max(6, round(6 * (size / 32) ** 2))
-    for _ in range(_PLACEMENT_TRIES):
-        shape = recipe.shapes[int(rng.integers(len(recipe.shapes)))]
-        radius = rng.uniform(*RADIUS_FRACTION) * size
-        # the nominal radius as margin keeps the body inside; corners and spikes may clip a little
-        cy, cx = rng.uniform(radius, size - radius, size=2)
-        mask = _shape_mask(shape, size, cy, cx, radius, rng)
-        if mask.sum() < min_pixels:
-            continue
-        visible = np.bincount(instances.ravel(), minlength=len(areas))
-        covered = np.bincount(instances[mask], minlength=len(areas))
-        remaining = visible[1:] - covered[1:]
-        if np.all(remaining >= recipe.min_visible * np.asarray(areas[1:])):
-            return mask
-    return None
-
-
-def _shape_mask(
-    shape: str, size: int, cy: float, cx: float, r: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A mask (H, W) bool of ``shape`` centred at (cy, cx) with nominal radius ``r`` px, at a random turn."""
-    if shape == "square" and rng.random() < 0.5:
-        theta = 0.0  # half the squares are axis-aligned
-    else:
-        theta = rng.uniform(0, 2 * math.pi)
-    u, v = shape_frame(size, cy, cx, theta)
-    return shape_mask(shape, u, v, r)
+    return place_object(
+        rng, size, instances, areas, shapes=recipe.shapes, radius_fraction=RADIUS_FRACTION,
+        min_visible=recipe.min_visible, min_pixels=max(6, round(6 * (size / 32) ** 2)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------

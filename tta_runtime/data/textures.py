@@ -89,6 +89,12 @@ def background_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return (0.05 + 0.5 * rgb).astype(np.float32)
 
 
+def photo_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A crop of a bundled photo (any of them) at its own colours and full range, (H, W, 3) float32 in [0, 1]."""
+    names = GRAY_PHOTOS + COLOUR_PHOTOS
+    return _photo_crop(rng, names[int(rng.integers(len(names)))], size, side_fraction=(0.15, 0.6))
+
+
 def _normalise(t: np.ndarray) -> np.ndarray:
     """Stretch to [0, 1]; a flat input becomes 0.5."""
     lo, hi = float(t.min()), float(t.max())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import save_file
 
-from tta_runtime.config import WeightsSpec, _Frozen
+from tta_runtime.config import WeightsSpec
 from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes
 from tta_runtime.files import atomic_write, writable_path
 from tta_runtime.hub import sha256_file
@@ -37,6 +37,7 @@ from tta_runtime.models.unet import (
 )
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
 from tta_runtime.training.provenance import copy_run, hardware
+from tta_runtime.training.scenes_data import SceneDataConfig, labelled_batch_indices, load_scenes
 from tta_runtime.training.schedule import Schedule
 from tta_runtime.training.slot import balanced_bce, hungarian_targets, require_slots
 
@@ -53,8 +54,9 @@ __all__ = [
 # Configuration, loss and validation
 
 
-class FeedForwardTrainConfig(_Frozen):
-    """Training of the U-Net: the slot model's data recipe, a plain supervised schedule."""
+class FeedForwardTrainConfig(SceneDataConfig):
+    """Training of the U-Net: the slot model's data recipe, a plain supervised schedule. With a
+    `label_fraction` below 1 it learns from the labelled scenes only (it has no use for the others)."""
 
     name: str = Field("unet-shapes-32", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     model: FeedForwardConfig = FeedForwardConfig()
@@ -106,20 +108,21 @@ def train_feedforward(cfg: FeedForwardTrainConfig, run_dir: Path, progress: bool
     Data: the slot model's recipe, `generate_scenes("in_dist", batch, seed, size, start=step * batch)`
     at every step. Logs go to `run_dir/log.jsonl` (validation FG-ARI every `eval_every` steps).
     """
-    require_slots(cfg.model.num_slots, "model.num_slots", "num_slots")
+    require_slots(cfg.model.num_slots, "model.num_slots", "num_slots", cfg.train_split)
     torch.manual_seed(cfg.seed)
     model = UNetSegmenter(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     s = cfg.model.resolution
 
     def step_fn(step: int) -> StepOutput:
-        images, inst = generate_scenes("in_dist", cfg.batch, seed=cfg.seed, size=s, start=step * cfg.batch)
+        indices = labelled_batch_indices(step, cfg.batch, 0, cfg.dataset_size, cfg.label_fraction)
+        images, inst = load_scenes(cfg.train_split, indices, cfg.seed, s)
         loss, bce, ce = feedforward_loss(model(to_tensor(images)), torch.from_numpy(inst), cfg.ce_weight)
         return StepOutput(loss, {"loss": loss.item(), "bce": bce.item(), "ce": ce.item()})
 
     train_loop(
         model, step_fn, [Optimized(opt, Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.lr_final_fraction), cfg.grad_clip)],
-        steps=cfg.steps, validate=lambda step: {"val_fg_ari": validate_feedforward(model, cfg.val_images)},
+        steps=cfg.steps, validate=lambda step: {"val_fg_ari": validate_feedforward(model, cfg.val_images, cfg.train_split)},
         eval_every=cfg.eval_every, folder=RunFolder(Path(run_dir), cfg, cfg.ckpt_every), progress=progress,
         desc="feedforward", show=("bce", "ce"),
     )
@@ -164,13 +167,16 @@ def save_feedforward(
             train_config=cfg.model_dump(mode="json"),
             steps_done=steps_done,
             seed=cfg.seed,
-            data=f"tta_runtime.data.scenes 'in_dist', seed {cfg.seed}, a fresh batch of {cfg.batch} scenes per step "
-            f"(indices step*batch..), {steps_done * cfg.batch} scenes in all: the slot model's recipe",
-            validation=f"'in_dist' seed {VAL_SEED}, {val_images} scenes",
+            data=f"tta_runtime.data.scenes {cfg.train_split!r}, seed {cfg.seed}, {cfg.batch} scenes per step, "
+            f"{steps_done * cfg.batch} in all"
+            + ("" if cfg.dataset_size is None else f", cycling a fixed set of {cfg.dataset_size}")
+            + ("" if cfg.label_fraction >= 1 else f", only its {cfg.label_fraction:.0%} labelled scenes")
+            + ": the slot model's recipe",
+            validation=f"{cfg.train_split!r} seed {VAL_SEED}, {val_images} scenes",
             seconds=seconds,
             hardware=hardware(),
         ),
-        metrics={f"val_in_dist_{val_images}_fg_ari": validate_feedforward(model, val_images)},
+        metrics={f"val_in_dist_{val_images}_fg_ari": validate_feedforward(model, val_images, cfg.train_split)},
     )
     atomic_write(folder / CARD_FILE, (json.dumps(card.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
     return folder

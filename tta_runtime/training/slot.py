@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ from tta_runtime.config import (
     Preprocessing,
     SegmenterConfig,
     WeightsSpec,
-    _Frozen,
 )
 from tta_runtime.data.scenes import TRAIN_SEED, VAL_SEED, generate_scenes, max_objects
 from tta_runtime.errors import ConfigError
@@ -49,6 +48,7 @@ from tta_runtime.models.segmenter import images_to_tensor as to_tensor
 from tta_runtime.training.checkpoint import CKPT_FILE, adam_moments, load_checkpoint
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
 from tta_runtime.training.provenance import copy_run, hardware
+from tta_runtime.training.scenes_data import SceneDataConfig, batch_indices, is_labelled, load_scenes
 from tta_runtime.training.schedule import Schedule
 
 __all__ = [
@@ -72,7 +72,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(SceneDataConfig):
     name: str = Field("slot-shapes-32", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     segmenter: SegmenterConfig = SegmenterConfig(
         resolution=32, num_slots=8, encoder_channels=32, decoder_fourier_bands=5
@@ -152,10 +152,10 @@ def matched_bce(masks: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     return balanced_bce(masks, hungarian_targets(masks, instances)[0])
 
 
-def require_slots(k: int, field: str, option: str) -> None:
-    """ConfigError unless `k` mask channels can each take one segment of every training scene: the matched
-    losses need a channel per object plus one for the background."""
-    needed = max_objects("in_dist") + 1
+def require_slots(k: int, field: str, option: str, split: str = "in_dist") -> None:
+    """ConfigError unless `k` mask channels can each take one segment of every training scene of `split`: the
+    matched losses need a channel per object plus one for the background."""
+    needed = max_objects(split) + 1
     if k < needed:
         raise ConfigError(
             f"{field}={k} is too few: training scenes hold up to {needed - 1} objects plus the background, and "
@@ -177,13 +177,19 @@ class SceneBatch:
     instances: np.ndarray
     pixel_idx: torch.Tensor | None
     targets: torch.Tensor
+    labelled: np.ndarray | None = None  # (B,) bool: rows whose labels the mask losses see (None: all)
 
 
-def scene_batch(step: int, *, batch: int, seed: int, size: int, data_start: int, pixel_fraction: float) -> SceneBatch:
-    """Training batch `step`: the `in_dist` scenes `data_start + step * batch ..` of stream `seed`, and a random
-    `pixel_fraction` of the pixels drawn from a generator seeded by the step alone (so a resumed run draws
-    the same subsets)."""
-    images, inst = generate_scenes("in_dist", batch, seed=seed, size=size, start=data_start + step * batch)
+def scene_batch(
+    step: int, *, batch: int, seed: int, size: int, data_start: int, pixel_fraction: float,
+    split: str = "in_dist", dataset_size: int | None = None, label_fraction: float = 1.0,
+) -> SceneBatch:
+    """Training batch `step`: the scenes of `split` that `tta_runtime.training.scenes_data` assigns to the step,
+    which of them are labelled, and a random `pixel_fraction` of the pixels drawn from a generator seeded
+    by the step alone (so a resumed run draws the same subsets)."""
+    indices = batch_indices(step, batch, data_start, dataset_size)
+    images, inst = load_scenes(split, indices, seed, size)
+    labelled = None if label_fraction >= 1 else is_labelled(indices, data_start, label_fraction)
     n_pix = size * size
     idx = None
     if pixel_fraction < 1:
@@ -192,15 +198,22 @@ def scene_batch(step: int, *, batch: int, seed: int, size: int, data_start: int,
     targets = torch.from_numpy(inst.reshape(batch, -1))
     if idx is not None:
         targets = targets[:, idx]
-    return SceneBatch(to_tensor(images), inst, idx, targets)
+    return SceneBatch(to_tensor(images), inst, idx, targets, labelled)
 
 
 def slot_loss(
     out: SegmenterOutput, b: SceneBatch, mask_weight: float, attn_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, reconstruction MSE, matched mask BCE): rec + mask_weight x mask (+ attn_weight x mask_weight x
-    the matched BCE on the slot-attention maps, all pixels, when attn_weight > 0)."""
+    the matched BCE on the slot-attention maps, all pixels, when attn_weight > 0). The mask terms see only
+    the batch's labelled rows (`b.labelled`); a batch without one has a mask term of 0."""
     rec = reconstruction_loss(out, b.x, b.pixel_idx)
+    if b.labelled is not None and not b.labelled.all():
+        rows = torch.from_numpy(np.flatnonzero(b.labelled))
+        if len(rows) == 0:
+            return rec, rec, rec.new_zeros(())
+        out = replace(out, masks=out.masks[rows], attention=out.attention[rows])
+        b = replace(b, targets=b.targets[rows], instances=b.instances[rows.numpy()], labelled=None)
     mask = matched_mask_loss(out, b.targets)
     loss = rec + mask_weight * mask
     if attn_weight > 0:
@@ -243,7 +256,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: in
 
     `stop_at`: stop after this step (checkpointed) although the schedule runs to `cfg.steps`; a later call
     resumes from there. How a run cut short by a session's end is replayed exactly."""
-    require_slots(cfg.segmenter.num_slots, "num_slots", "--slots")
+    require_slots(cfg.segmenter.num_slots, "num_slots", "--slots", cfg.train_split)
     torch.manual_seed(cfg.seed)
     model = SlotSegmenter(cfg.segmenter)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -255,18 +268,28 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: in
 
     def step_fn(step: int) -> StepOutput:
         b = scene_batch(step, batch=cfg.batch, seed=cfg.seed, size=cfg.segmenter.resolution,
-                        data_start=cfg.data_start, pixel_fraction=cfg.pixel_fraction)
+                        data_start=cfg.data_start, pixel_fraction=cfg.pixel_fraction, split=cfg.train_split,
+                        dataset_size=cfg.dataset_size, label_fraction=cfg.label_fraction)
         loss, rec, mask = slot_loss(model(b.x, b.pixel_idx), b, _mask_weight_at(cfg, step), cfg.attn_weight)
         return StepOutput(loss, {"rec": rec.item(), "mask": mask.item()})
 
     schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.lr_final_fraction)
     train_loop(
         model, step_fn, [Optimized(opt, schedule, clip=cfg.grad_clip)], steps=cfg.steps, stop_at=stop_at,
-        validate=lambda step: {"val": validate_model(model, cfg.val_images)}, eval_every=cfg.eval_every,
+        validate=lambda step: {"val": validate_model(model, cfg.val_images, cfg.train_split)}, eval_every=cfg.eval_every,
         folder=RunFolder(Path(run_dir), cfg, cfg.ckpt_every), init=init, progress=progress, desc="train",
         show=("rec", "mask"),
     )
     return model
+
+
+def _data_line(cfg: TrainConfig, steps_done: int) -> str:
+    if cfg.dataset_size is None:
+        seen = f"a fresh batch of {cfg.batch} scenes per step (indices step*batch..), {steps_done * cfg.batch} scenes in all"
+    else:
+        seen = f"a fixed set of {cfg.dataset_size} scenes cycled {steps_done * cfg.batch / cfg.dataset_size:.1f} times"
+    labels = "" if cfg.label_fraction >= 1 else f"; segmentation labels on {cfg.label_fraction:.0%} of them"
+    return f"tta_runtime.data.scenes {cfg.train_split!r}, seed {cfg.seed}, {seen}{labels}"
 
 
 def _initial_weights(source: str) -> dict[str, torch.Tensor]:
@@ -310,7 +333,7 @@ def write_model_folder(
     if ckpt is not None and ckpt.exists():
         opt_spec = _save_adam_moments(ckpt, out_dir / "adam_state.safetensors")
     model.eval()
-    val = validate_model(model, 256)
+    val = validate_model(model, 256, cfg.train_split)
     elapsed, steps_done = copy_run(run_dir, out_dir)
     steps_done = cfg.steps if steps_done is None else steps_done
     card = ModelCard(
@@ -324,9 +347,8 @@ def write_model_folder(
         training={
             "command": command,
             "config": cfg.model_dump(),
-            "data": f"tta_runtime.data.scenes 'in_dist', seed {cfg.seed}, a fresh batch of {cfg.batch} scenes per step "
-            f"(indices step*batch..), {steps_done * cfg.batch} scenes in all",
-            "validation": f"'in_dist' seed {VAL_SEED}",
+            "data": _data_line(cfg, steps_done),
+            "validation": f"{cfg.train_split!r} seed {VAL_SEED}",
             "steps_done": steps_done,
             "seconds": elapsed,
             "hardware": hardware(),
