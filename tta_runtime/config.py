@@ -40,6 +40,10 @@ class SegmenterConfig(_Frozen):
     encoder_channels: int = Field(64, ge=4, le=512, description="channels of every encoder conv [64]")
     encoder_layers: int = Field(4, ge=1, le=8, description="number of encoder convs [4]")
     encoder_kernel: int = Field(5, ge=1, le=9, description="encoder conv kernel size, odd [5]")
+    encoder: Literal["conv", "unet"] = Field(
+        "conv", description="the paper's stride-1 conv stack [conv], or a 2-level U-Net (GroupNorm, coordinate "
+        "input; encoder_channels is its base width, encoder_layers and encoder_kernel are unused) that sees the whole image",
+    )
     decoder_width: int = Field(64, ge=8, le=1024, description="coordinate-MLP width [64]")
     decoder_blocks: int = Field(4, ge=1, le=8, description="residual blocks in the decoder [4]")
     decoder_fourier_bands: int = Field(
@@ -55,6 +59,12 @@ class SegmenterConfig(_Frozen):
         1.0, ge=0, le=4, description="with mask_source='product': masks = decoder x attention ** this, "
         "renormalised over the slots (0 = the decoder's masks, 1 = the plain product) [1]",
     )
+
+    @model_validator(mode="after")
+    def _unet_fits(self) -> SegmenterConfig:
+        if self.encoder == "unet" and self.resolution % 4:
+            raise ValueError(f"encoder='unet' pools twice: resolution must be divisible by 4, got {self.resolution}")
+        return self
 
     @field_validator("encoder_kernel")
     @classmethod

@@ -28,7 +28,9 @@ def add_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--slots", type=int, default=8)
-    p.add_argument("--encoder-channels", type=int, default=32)
+    p.add_argument("--encoder-channels", type=int, default=32, help="conv encoder width, or the U-Net encoder's base width")
+    p.add_argument("--encoder", choices=("conv", "unet"), default="conv",
+                   help="the paper's stride-1 conv stack, or a 2-level U-Net that sees the whole image")
     p.add_argument("--fourier-bands", type=int, default=5, help="decoder coordinate encodings (paper: 0)")
     p.add_argument("--pixel-fraction", type=float, default=0.25)
     p.add_argument("--mask-weight", type=float, default=1.0)
@@ -71,7 +73,7 @@ def _segmenter(args: argparse.Namespace) -> int:
         SegmenterConfig,
         {
             "resolution": args.resolution, "num_slots": args.slots, "encoder_channels": args.encoder_channels,
-            "decoder_fourier_bands": args.fourier_bands,
+            "decoder_fourier_bands": args.fourier_bands, "encoder": args.encoder,
         },
         "train options",
     )

@@ -25,6 +25,7 @@ from torch import nn
 
 from tta_runtime.config import SegmenterConfig
 from tta_runtime.models.modes import frozen_call
+from tta_runtime.models.unet_body import UNetBody
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,16 +51,21 @@ def _grid(resolution: int) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """Stride-1 conv stack + soft position embedding: (B, 3, S, S) -> (B, S*S, D)."""
+    """Stride-1 conv stack (or, with ``encoder="unet"``, a 2-level U-Net) + soft position embedding:
+    (B, 3, S, S) -> (B, S*S, D)."""
 
     def __init__(self, cfg: SegmenterConfig) -> None:
         super().__init__()
         c, k = cfg.encoder_channels, cfg.encoder_kernel
-        layers: list[nn.Module] = []
-        for i in range(cfg.encoder_layers):
-            out = cfg.slot_dim if i == cfg.encoder_layers - 1 else c
-            layers += [nn.Conv2d(3 if i == 0 else c, out, k, padding=k // 2), nn.ReLU()]
-        self.convs = nn.Sequential(*layers)
+        self.convs: nn.Module
+        if cfg.encoder == "unet":
+            self.convs = UNetBody(cfg.resolution, cfg.slot_dim, c, depth=2)
+        else:
+            layers: list[nn.Module] = []
+            for i in range(cfg.encoder_layers):
+                out = cfg.slot_dim if i == cfg.encoder_layers - 1 else c
+                layers += [nn.Conv2d(3 if i == 0 else c, out, k, padding=k // 2), nn.ReLU()]
+            self.convs = nn.Sequential(*layers)
         self.pos = nn.Linear(4, cfg.slot_dim)
         grid = _grid(cfg.resolution)
         # [x, y, 1-x, 1-y]: the released code's 4-channel ramp.

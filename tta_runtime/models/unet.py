@@ -26,15 +26,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file
-from torch import nn
 
 from tta_runtime.config import WeightsSpec, _Frozen, format_validation_error
 from tta_runtime.errors import InvalidInputError, ModelLoadError
 from tta_runtime.hub import sha256_file
 from tta_runtime.models.segmenter import images_to_tensor as to_tensor
+from tta_runtime.models.unet_body import UNetBody
 
 __all__ = [
     "CARD_FILE",
@@ -107,22 +106,7 @@ class FeedForwardCard(_Frozen):
 # Model
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
-
-
-class _DoubleConv(nn.Sequential):
-    """(conv3x3 -> GroupNorm -> ReLU) x 2, size-preserving: (B, cin, H, W) -> (B, cout, H, W)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.ReLU(),
-            nn.Conv2d(cout, cout, 3, padding=1), _norm(cout), nn.ReLU(),
-        )
-
-
-class UNetSegmenter(nn.Module):
+class UNetSegmenter(UNetBody):
     """U-Net with CoordConv input. `forward(image)`: (B, 3, S, S) float in [0, 1] -> logits (B, K, S, S).
 
     `masks(image)` is the softmax over K, (B, K, S, S) float in [0, 1] summing to 1 over K.
@@ -130,32 +114,8 @@ class UNetSegmenter(nn.Module):
     """
 
     def __init__(self, cfg: FeedForwardConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.resolution, cfg.num_slots, cfg.base_channels, cfg.depth)
         self.cfg = cfg
-        chans = [cfg.base_channels * 2**i for i in range(cfg.depth + 1)]  # per level, last = bottleneck
-        self.down = nn.ModuleList(_DoubleConv(5 if i == 0 else chans[i - 1], chans[i]) for i in range(cfg.depth))
-        self.bottleneck = _DoubleConv(chans[-2], chans[-1])
-        self.upsample = nn.ModuleList(
-            nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(cfg.depth))
-        )
-        self.up = nn.ModuleList(_DoubleConv(2 * chans[i], chans[i]) for i in reversed(range(cfg.depth)))
-        self.head = nn.Conv2d(chans[0], cfg.num_slots, 1)
-        ticks = (torch.arange(cfg.resolution, dtype=torch.float32) + 0.5) / cfg.resolution
-        yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
-        self.register_buffer("coords", torch.stack([xx, yy])[None], persistent=False)  # (1, 2, S, S)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        b = image.shape[0]
-        x = torch.cat([image, self.coords.expand(b, -1, -1, -1)], dim=1)  # (B, 5, S, S)
-        skips = []
-        for block in self.down:
-            x = block(x)
-            skips.append(x)  # (B, C_i, S / 2**i, S / 2**i)
-            x = F.max_pool2d(x, 2)
-        x = self.bottleneck(x)  # (B, C_depth, S / 2**depth, S / 2**depth)
-        for upsample, block, skip in zip(self.upsample, self.up, reversed(skips), strict=True):
-            x = block(torch.cat([upsample(x), skip], dim=1))
-        return self.head(x)  # (B, K, S, S)
 
     def masks(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward(image).softmax(dim=1)

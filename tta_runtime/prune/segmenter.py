@@ -135,6 +135,11 @@ class PrunedSegmenter(FixedMasks, SlotSegmenter):
     """
 
     def __init__(self, cfg: SegmenterConfig, *, masks: str = "predict", ks: Sequence[int] | None = None) -> None:
+        if cfg.encoder != "conv":
+            raise ConfigError(
+                f"FTWT pruning prunes the channels of the conv encoder; this model's encoder is {cfg.encoder!r}. "
+                "Prune a model with encoder='conv', or run this one dense."
+            )
         super().__init__(cfg)
         if masks not in ("predict", "topk"):
             raise ConfigError(f"masks must be 'predict' or 'topk'; got {masks!r}")
