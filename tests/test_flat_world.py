@@ -127,3 +127,34 @@ def test_the_mask_loss_sees_only_labelled_scenes():
     none = scene_batch(0, **{**kw, "batch": 1}, label_fraction=0.5)  # offset 0 carries no label at F = 0.5
     total, rec, mask0 = slot_loss(model(none.x, none.pixel_idx), none, 1.0, 1.0)
     assert mask0.item() == 0 and total.item() == rec.item()
+
+
+def test_batches_generated_ahead_by_workers_are_the_loops_own(tmp_path):
+    import functools
+
+    from tta_runtime.training.scenes_data import Prefetcher
+    from tta_runtime.training.slot import scene_batch
+
+    fn = functools.partial(scene_batch, batch=3, seed=0, size=16, data_start=0, pixel_fraction=0.5,
+                           split="flat/in_dist", label_fraction=0.5)
+    with Prefetcher(fn, workers=1) as ahead:
+        got = [ahead(s) for s in (0, 1, 3)]  # a skipped step too
+    for s, b in zip((0, 1, 3), got):
+        ref = fn(s)
+        assert torch.equal(b.x, ref.x) and torch.equal(b.targets, ref.targets) and torch.equal(b.pixel_idx, ref.pixel_idx)
+        assert np.array_equal(b.labelled, ref.labelled)
+    with pytest.raises(ConfigError, match="workers"):
+        Prefetcher(fn, workers=-1)
+
+
+def test_a_time_limit_stops_checkpointed_and_the_next_call_resumes(tmp_path):
+    from tta_runtime.config import SegmenterConfig
+    from tta_runtime.training.checkpoint import checkpoint_progress
+    from tta_runtime.training.slot import TrainConfig, train
+
+    seg = SegmenterConfig(resolution=16, num_slots=7, encoder_channels=4, slot_dim=8, decoder_width=8, decoder_blocks=1)
+    cfg = TrainConfig(name="t", segmenter=seg, steps=50, batch=2, train_split="flat/in_dist", val_images=2, eval_every=50)
+    train(cfg, tmp_path, progress=False, time_limit=0.0)  # stops after its first step
+    assert checkpoint_progress(tmp_path / "ckpt.safetensors")[0] == 1
+    train(cfg, tmp_path, progress=False, stop_at=3)
+    assert checkpoint_progress(tmp_path / "ckpt.safetensors")[0] == 3

@@ -45,6 +45,10 @@ def add_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the model trains, e.g. cuda (the batches are the same)")
+    p.add_argument("--workers", type=int, default=0, help="processes generating batches ahead (0: in the loop)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop (checkpointed) after this many seconds of this call and write the folder; re-run to resume")
     add_scene_data(p)
     p.set_defaults(func=_segmenter)
 
@@ -90,7 +94,10 @@ def _segmenter(args: argparse.Namespace) -> int:
         "train options",
     )
     run_dir = Path(args.run_dir or f"runs/{cfg.name}")
-    model = train(cfg, run_dir, progress=progress(args), stop_at=args.stop_at)
+    model = train(
+        cfg, run_dir, progress=progress(args), stop_at=args.stop_at, device=args.device, workers=args.workers,
+        time_limit=args.time_limit,
+    )
     out = write_model_folder(model, cfg, Path(args.out), command=command_line(args), run_dir=run_dir)
     echo(args, f"wrote model folder {out}")
     return 0

@@ -119,11 +119,14 @@ def train_loop(
     progress: bool = False,
     desc: str = "train",
     show: Sequence[str] = (),
+    time_limit: float | None = None,
 ) -> LoopResult:
     """Train `model` for steps [start, stop_at or steps) and return it in eval().
 
     `start` is 0, or the checkpoint's step when `folder` holds one. `init`: called once before the first step
     of a run that did not resume (e.g. loading initial weights). `show`: metric names for the bar's postfix.
+    `time_limit`: stop (checkpointed) after the step that brings this call's wall time past this many seconds,
+    as `stop_at` would; a later call resumes there.
     """
     end = steps if stop_at is None else stop_at
     if not 1 <= end <= steps:
@@ -142,6 +145,8 @@ def train_loop(
     total_weight = 0.0
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=desc, dynamic_ncols=True)
     model.train()
+    started = time.perf_counter()
+    done = start
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -181,11 +186,15 @@ def train_loop(
                 if logf is not None:
                     logf.write(json.dumps(record) + "\n")
                     logf.flush()
-            if folder is not None and (done % folder.ckpt_every == 0 or done in (steps, end)):
+            out_of_time = time_limit is not None and time.perf_counter() - started > time_limit
+            if folder is not None and (done % folder.ckpt_every == 0 or done in (steps, end) or out_of_time):
                 save_checkpoint(folder.ckpt, folder.config, model, [o.optimizer for o in optimizers], done, elapsed)
+            if out_of_time:
+                log.info("%s: time limit of %.0f s reached at step %d; re-run to resume", desc, time_limit, done)
+                break
     finally:
         bar.close()
         if logf is not None:
             logf.close()
     model.eval()
-    return LoopResult(max(start, end), elapsed, records)
+    return LoopResult(done, elapsed, records)

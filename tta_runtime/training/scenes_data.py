@@ -13,7 +13,11 @@ Shared by the slot trainer and the U-Net trainer so that both see the same scene
 
 from __future__ import annotations
 
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +27,7 @@ from tta_runtime.config import _Frozen
 from tta_runtime.data.scenes import generate_scene
 from tta_runtime.errors import ConfigError
 
-__all__ = ["SceneDataConfig", "batch_indices", "is_labelled", "labelled_batch_indices", "load_scenes"]
+__all__ = ["Prefetcher", "SceneDataConfig", "batch_indices", "is_labelled", "labelled_batch_indices", "load_scenes"]
 
 
 class SceneDataConfig(_Frozen):
@@ -94,3 +98,37 @@ def load_scenes(split: str, indices: np.ndarray, seed: int, size: int) -> tuple[
         scene = generate_scene(split, seed, int(index), size)
         images[row], instances[row] = scene.image, scene.instances
     return images, instances
+
+
+class Prefetcher:
+    """``batches(step)`` is ``fn(step)``; with ``workers`` > 0 the next ``2 x workers`` steps are generated ahead in
+    that many spawned processes (``fn`` must pickle: a module-level function or a partial of one). Use it as a
+    context manager so the processes end with the run."""
+
+    def __init__(self, fn: Callable[[int], Any], workers: int = 0) -> None:
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0: generate batches in the training loop); got {workers}")
+        self.fn, self.workers = fn, workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: dict[int, Future[Any]] = {}
+
+    def __enter__(self) -> Prefetcher:
+        if self.workers:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._pending = None, {}
+
+    def __call__(self, step: int) -> Any:
+        if self._pool is None:
+            return self.fn(step)
+        for s in list(self._pending):
+            if s < step:  # a step the loop will not ask for again (it moved on or resumed later)
+                self._pending.pop(s).cancel()
+        for s in range(step, step + 2 * self.workers):
+            if s not in self._pending:
+                self._pending[s] = self._pool.submit(self.fn, s)
+        return self._pending.pop(step).result()

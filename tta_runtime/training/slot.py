@@ -15,6 +15,7 @@ every `ckpt_every` steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -48,7 +49,7 @@ from tta_runtime.models.segmenter import images_to_tensor as to_tensor
 from tta_runtime.training.checkpoint import CKPT_FILE, adam_moments, load_checkpoint
 from tta_runtime.training.loop import Optimized, RunFolder, StepOutput, train_loop
 from tta_runtime.training.provenance import copy_run, hardware
-from tta_runtime.training.scenes_data import SceneDataConfig, batch_indices, is_labelled, load_scenes
+from tta_runtime.training.scenes_data import Prefetcher, SceneDataConfig, batch_indices, is_labelled, load_scenes
 from tta_runtime.training.schedule import Schedule
 
 __all__ = [
@@ -129,11 +130,11 @@ def hungarian_targets(masks: torch.Tensor, instances: torch.Tensor) -> tuple[tor
             ids, inverse = np.unique(inst_np[i], return_inverse=True)
             gt = (inverse.reshape(1, -1) == np.arange(len(ids))[:, None]).astype(np.float32)  # (G, P)
             rows, cols = hungarian_match(gt, pred_np[i])
-            target[i, torch.as_tensor(cols)] = torch.as_tensor(gt[rows])
+            target[i, torch.as_tensor(cols, device=target.device)] = torch.as_tensor(gt[rows], device=target.device)
             channel_of = np.empty(len(ids), dtype=np.int64)
             channel_of[rows] = cols
             labels[i] = channel_of[inverse.reshape(-1)]
-    return target, torch.from_numpy(labels)
+    return target, torch.from_numpy(labels).to(masks.device)
 
 
 def balanced_bce(masks: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,12 @@ class SceneBatch:
     pixel_idx: torch.Tensor | None
     targets: torch.Tensor
     labelled: np.ndarray | None = None  # (B,) bool: rows whose labels the mask losses see (None: all)
+
+    def to(self, device: str | torch.device) -> SceneBatch:
+        if torch.device(device).type == "cpu":
+            return self
+        idx = None if self.pixel_idx is None else self.pixel_idx.to(device)
+        return replace(self, x=self.x.to(device, non_blocking=True), pixel_idx=idx, targets=self.targets.to(device))
 
 
 def scene_batch(
@@ -227,11 +234,11 @@ def predict_batches(model: SlotSegmenter, images: np.ndarray, batch: int = 64) -
     """Masks (N, K, S*S) and per-image reconstruction MSE (N,) for uint8 images (N, S, S, 3)."""
     masks, mses = [], []
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i : i + batch])
+        x = to_tensor(images[i : i + batch]).to(next(model.parameters()).device)
         out = model(x)
-        masks.append(segmentation_masks(model.cfg, out).numpy())
+        masks.append(segmentation_masks(model.cfg, out).cpu().numpy())
         target = x.flatten(2).transpose(1, 2)
-        mses.append(((out.reconstruction - target) ** 2).mean(dim=(1, 2)).numpy())
+        mses.append(((out.reconstruction - target) ** 2).mean(dim=(1, 2)).cpu().numpy())
     return np.concatenate(masks), np.concatenate(mses)
 
 
@@ -251,15 +258,26 @@ def validate_model(model: SlotSegmenter, n: int, split: str = "in_dist", seed: i
     }
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: int | None = None) -> SlotSegmenter:
+def train(
+    cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: int | None = None, device: str = "cpu",
+    workers: int = 0, time_limit: float | None = None,
+) -> SlotSegmenter:
     """Train (or resume from `run_dir/ckpt.safetensors`) and return the model. Logs go to `run_dir/log.jsonl`.
 
     `stop_at`: stop after this step (checkpointed) although the schedule runs to `cfg.steps`; a later call
-    resumes from there. How a run cut short by a session's end is replayed exactly."""
+    resumes from there. How a run cut short by a session's end is replayed exactly. `time_limit`: the same,
+    after this many seconds. `device`: where the model trains (the checkpoint is on the CPU either way);
+    `workers`: processes that generate the next batches ahead (0: in the loop). The batches are the same
+    for every device and worker count: they depend on the step alone."""
     require_slots(cfg.segmenter.num_slots, "num_slots", "--slots", cfg.train_split)
     torch.manual_seed(cfg.seed)
-    model = SlotSegmenter(cfg.segmenter)
+    model = SlotSegmenter(cfg.segmenter).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = Prefetcher(functools.partial(
+        scene_batch, batch=cfg.batch, seed=cfg.seed, size=cfg.segmenter.resolution, data_start=cfg.data_start,
+        pixel_fraction=cfg.pixel_fraction, split=cfg.train_split, dataset_size=cfg.dataset_size,
+        label_fraction=cfg.label_fraction,
+    ), workers)
 
     def init() -> None:
         if cfg.init_from is not None:
@@ -267,19 +285,18 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool = True, stop_at: in
             log.info("initialised from %s", cfg.init_from)
 
     def step_fn(step: int) -> StepOutput:
-        b = scene_batch(step, batch=cfg.batch, seed=cfg.seed, size=cfg.segmenter.resolution,
-                        data_start=cfg.data_start, pixel_fraction=cfg.pixel_fraction, split=cfg.train_split,
-                        dataset_size=cfg.dataset_size, label_fraction=cfg.label_fraction)
+        b = batches(step).to(device)
         loss, rec, mask = slot_loss(model(b.x, b.pixel_idx), b, _mask_weight_at(cfg, step), cfg.attn_weight)
         return StepOutput(loss, {"rec": rec.item(), "mask": mask.item()})
 
     schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.lr_final_fraction)
-    train_loop(
-        model, step_fn, [Optimized(opt, schedule, clip=cfg.grad_clip)], steps=cfg.steps, stop_at=stop_at,
-        validate=lambda step: {"val": validate_model(model, cfg.val_images, cfg.train_split)}, eval_every=cfg.eval_every,
-        folder=RunFolder(Path(run_dir), cfg, cfg.ckpt_every), init=init, progress=progress, desc="train",
-        show=("rec", "mask"),
-    )
+    with batches:
+        train_loop(
+            model, step_fn, [Optimized(opt, schedule, clip=cfg.grad_clip)], steps=cfg.steps, stop_at=stop_at,
+            validate=lambda step: {"val": validate_model(model, cfg.val_images, cfg.train_split)},
+            eval_every=cfg.eval_every, folder=RunFolder(Path(run_dir), cfg, cfg.ckpt_every), init=init,
+            progress=progress, desc="train", show=("rec", "mask"), time_limit=time_limit,
+        )
     return model
 
 
@@ -325,7 +342,7 @@ def write_model_folder(
     if (out_dir / "ood").is_dir():
         shutil.rmtree(out_dir / "ood")
     weights = out_dir / "weights.safetensors"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     writable_path(weights, "weights file")
     save_file(state, str(weights), metadata={"format": "pt", "name": cfg.name})
     ckpt = None if run_dir is None else Path(run_dir) / CKPT_FILE
