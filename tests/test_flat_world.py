@@ -158,3 +158,12 @@ def test_a_time_limit_stops_checkpointed_and_the_next_call_resumes(tmp_path):
     assert checkpoint_progress(tmp_path / "ckpt.safetensors")[0] == 1
     train(cfg, tmp_path, progress=False, stop_at=3)
     assert checkpoint_progress(tmp_path / "ckpt.safetensors")[0] == 3
+
+
+def test_an_evaluation_covers_the_models_own_world():
+    from tta_runtime.data.scenes import OOD_SPLITS, evaluation_splits, is_ood_split
+
+    flat = evaluation_splits("flat/in_dist")
+    assert flat[0] == "flat/in_dist" and set(FLAT_OOD_SPLITS) | set(HELD_OUT_SPLITS) == set(flat[1:])
+    assert [s for s in flat if is_ood_split(s)] == list(FLAT_OOD_SPLITS)  # held-out variations are in-world
+    assert evaluation_splits("in_dist") == ("in_dist", *OOD_SPLITS)

@@ -12,7 +12,8 @@ from tta_runtime.cli.common import busy, check_range, command_line, echo, fail, 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
-    p.add_argument("--splits", default=None, help="comma-separated (default: all)")
+    p.add_argument("--splits", default=None, help="comma-separated (default: the model's world: its training split, "
+                   "named OOD splits and held-out variations)")
     p.add_argument("--n-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=None, help="test-scene seed (default 2026)")
     p.add_argument("--recipe", default=None, help="the adaptation recipe (default: the model card's default_recipe)")
@@ -27,14 +28,14 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from tta_runtime import Runtime
-    from tta_runtime.data.scenes import SPLITS
+    from tta_runtime.data.scenes import evaluation_splits
     from tta_runtime.evaluation.segmentation import TEST_SEED, evaluate, strip_timing
 
     check_range(args.n_images, "--n-images", 1, 100_000)
     check_range(args.jobs, "--jobs", 1, 256)
     expected = read_json(args.check, "--check") if args.check else None  # before --json may overwrite it
     rt = Runtime.from_pretrained(args.model, device=args.device)
-    splits = args.splits.split(",") if args.splits else list(SPLITS)
+    splits = args.splits.split(",") if args.splits else list(evaluation_splits(_train_split(rt)))
     feedforward = None
     ff_folder = Path(args.feedforward) if args.feedforward else (rt.folder / "feedforward" if rt.folder else None)
     if ff_folder is not None and (ff_folder / "card.json").is_file():
@@ -58,6 +59,12 @@ def _eval(args: argparse.Namespace) -> int:
             return 1
         echo(args, f"reproduced {args.check} exactly (timings excluded)")
     return 0
+
+
+def _train_split(rt: Any) -> str:
+    """The split a segmenter was trained on, from its card ("in_dist", the shapes world, when not recorded)."""
+    config = (rt.card.training or {}).get("config") or {}
+    return config.get("train_split", "in_dist") if isinstance(config, dict) else "in_dist"
 
 
 def _eval_table(report: dict[str, Any]) -> list[str]:

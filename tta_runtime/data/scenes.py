@@ -60,7 +60,7 @@ from tta_runtime.errors import ConfigError
 
 __all__ = [
     "ALL_SPLITS", "HELD_OUT_HUE_BAND", "OOD_SPLITS", "SPLITS", "Scene", "generate_scene", "generate_scenes",
-    "max_objects", "world_splits",
+    "evaluation_splits", "is_ood_split", "max_objects", "world_splits",
 ]
 
 SPLITS: tuple[str, ...] = (
@@ -189,6 +189,18 @@ def world_splits(in_dist: str) -> tuple[str, ...]:
     """The named OOD splits of the world whose training split is ``in_dist`` ("in_dist" or "flat/in_dist")."""
     _check_split(in_dist)
     return flat_world.FLAT_OOD_SPLITS if in_dist.startswith(flat_world.PREFIX) else OOD_SPLITS
+
+
+def evaluation_splits(in_dist: str) -> tuple[str, ...]:
+    """What an evaluation of a model trained on ``in_dist`` covers by default: that split, its world's named
+    OOD splits and, for the flat world, its held-out variations."""
+    held_out = flat_world.HELD_OUT_SPLITS if in_dist.startswith(flat_world.PREFIX) else ()
+    return (in_dist, *world_splits(in_dist), *held_out)
+
+
+def is_ood_split(split: str) -> bool:
+    """Whether ``split`` is a named OOD split of its world (not a training split or a held-out variation)."""
+    return split in OOD_SPLITS or split in flat_world.FLAT_OOD_SPLITS
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tta_runtime.config import AdaptConfig, SegmenterConfig
-from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, generate_scenes
+from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, generate_scenes, is_ood_split
 from tta_runtime.errors import ConfigError
 from tta_runtime.evaluation.common import interval, one_thread, progress_bar
 from tta_runtime.hub import load_recipe
@@ -181,7 +181,7 @@ def evaluate(
                 split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, bar=bar)
                 for split in splits
             }
-    ood = [s for s in splits if s != "in_dist"]
+    ood = [s for s in splits if is_ood_split(s)]
     summary: dict[str, Any] = {}
     if ood:
         for variant in ("before", "slot_tta", "entropy", "oracle", "feedforward"):
