@@ -101,13 +101,19 @@ def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
     rep = after.adaptation
     return panel(
         [
-            ("input", up(before.image)),
+            (_input_caption(before), up(before.image)),
             ("masks before", up(before.overlay())),
             (f"masks after {rep.steps_run} steps", up(after.overlay())),
             ("reconstruction after", up((after.reconstruction * 255).round().astype(np.uint8))),
             ("loss per step", loss_curve(rep.losses + [rep.final_loss], size=(height, 300), title=rep.method)),
         ]
     )
+
+
+def _input_caption(result: Any) -> str:
+    """The input tile's caption: the OOD verdict (when calibrated) and the score the image really got."""
+    verdict = "" if result.is_ood is None else (" OOD" if result.is_ood else " in-dist")
+    return f"input:{verdict} {result.ood_scorer} {result.ood_score:.2f}"
 
 
 def add_list(p: argparse.ArgumentParser) -> None:
