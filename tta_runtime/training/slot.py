@@ -230,28 +230,35 @@ def slot_loss(
 
 
 @torch.no_grad()
-def predict_batches(model: SlotSegmenter, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (N, K, S*S) and per-image reconstruction MSE (N,) for uint8 images (N, S, S, 3)."""
-    masks, mses = [], []
+def predict_batches(
+    model: SlotSegmenter, images: np.ndarray, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks (N, K, S*S), per-image reconstruction MSE (N,) and the slot-attention argmax (N, S*S) for uint8
+    images (N, S, S, 3)."""
+    masks, mses, attention = [], [], []
     for i in range(0, len(images), batch):
         x = to_tensor(images[i : i + batch]).to(next(model.parameters()).device)
         out = model(x)
         masks.append(segmentation_masks(model.cfg, out).cpu().numpy())
         target = x.flatten(2).transpose(1, 2)
         mses.append(((out.reconstruction - target) ** 2).mean(dim=(1, 2)).cpu().numpy())
-    return np.concatenate(masks), np.concatenate(mses)
+        attention.append(out.attention.argmax(1).cpu().numpy())
+    return np.concatenate(masks), np.concatenate(mses), np.concatenate(attention)
 
 
 def validate_model(model: SlotSegmenter, n: int, split: str = "in_dist", seed: int = VAL_SEED) -> dict[str, float]:
     """FG-ARI and reconstruction MSE on `n` validation scenes (a seed the test splits never use)."""
     s = model.cfg.resolution
     images, inst = generate_scenes(split, n, seed=seed, size=s)
-    masks, mses = predict_batches(model, images)
+    masks, mses, attention = predict_batches(model, images)
     seg = masks.argmax(1).reshape(n, s, s)
     scores = [fg_ari(inst[i], seg[i]) for i in range(n)]
     usage = np.bincount(seg.reshape(-1), minlength=masks.shape[1]) / seg.size
+    by_attention = attention.reshape(n, s, s)
     return {
         "fg_ari": float(np.mean(scores)),
+        # the slot-attention maps alone (the card's mask_source may combine them with the decoder's masks)
+        "fg_ari_attention": float(np.mean([fg_ari(inst[i], by_attention[i]) for i in range(n)])),
         "recon_mse": float(np.mean(mses)),
         "recon_mse_std": float(np.std(mses)),
         "max_slot_share": float(usage.max()),
