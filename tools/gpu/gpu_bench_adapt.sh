@@ -44,26 +44,8 @@ else
   LIMIT1=180; LIMIT2=140; LIMIT3=150
 fi
 
-{
-  date -u +%FT%TZ
-  "$PY" - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-for mod in ("numpy", "pydantic", "safetensors", "tqdm", "scipy", "skimage", "cv2"):
-    try:
-        __import__(mod)
-    except ImportError as e:
-        print("MISSING", mod, e)
-EOF
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-if grep -q '^MISSING' "$OUT/env.txt"; then
-  echo "a module the benchmark needs is missing (above): nothing measured" >&2
-  exit 2
-fi
+. tools/gpu/env_check.sh
+check_env
 LOGS=${TMPDIR:-/tmp}/gpu_bench_adapt_logs
 mkdir -p "$LOGS"
 

@@ -32,25 +32,8 @@ else
   WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; VAL=64
 fi
 
-{
-  date -u +%FT%TZ
-  "$PY" - <<'PYEOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-for mod in ("numpy", "pydantic", "safetensors", "tqdm", "scipy", "skimage", "cv2"):
-    try:
-        __import__(mod)
-    except ImportError as e:
-        print("MISSING", mod, e)
-PYEOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-if grep -q '^MISSING' "$OUT/env.txt"; then
-  echo "a module the training needs is missing (above): nothing trained" >&2
-  exit 2
-fi
+. tools/gpu/env_check.sh
+check_env
 
 # TF32 matmuls on Ampere and newer: the float32 model, tensor-core speed
 export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1
