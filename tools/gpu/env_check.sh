@@ -1,4 +1,16 @@
-# Sourced by the GPU scripts: `check_env` writes $OUT/env.txt (date, Python, torch, CUDA, the GPU, modules the
+# Sourced by the GPU scripts (from the repository root).
+# `gpu_defaults DEFAULT_OUT`: OUT (default DEFAULT_OUT, created), DEVICE (cuda), PY (python3), SMOKE (0), and this
+# repository on PYTHONPATH.
+gpu_defaults() {
+  OUT=${OUT:-$1}
+  DEVICE=${DEVICE:-cuda}
+  PY=${PY:-python3}
+  SMOKE=${SMOKE:-0}
+  mkdir -p "$OUT"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# `check_env` writes $OUT/env.txt (date, Python, torch, CUDA, the GPU, modules the
 # project needs) and exits 2 when a module is missing, so a run without them measures nothing.
 check_env() {
   {

@@ -28,13 +28,9 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-out/gpu_bench_adapt}
-DEVICE=${DEVICE:-cuda}
-PY=${PY:-python3}
-SMOKE=${SMOKE:-0}
+. tools/gpu/env_check.sh
+gpu_defaults out/gpu_bench_adapt
 COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BENCH=("$PY" -m tta_runtime.cli bench adapt --device "$DEVICE" --extra-recipes slot_tta_turbo --no-progress)
 
 if [ "$SMOKE" = 1 ]; then  # tiny sizes, to check the plumbing on a CPU (inductor compiles slowly there)
@@ -44,7 +40,6 @@ else
   LIMIT1=180; LIMIT2=140; LIMIT3=150
 fi
 
-. tools/gpu/env_check.sh
 check_env
 LOGS=${TMPDIR:-/tmp}/gpu_bench_adapt_logs
 mkdir -p "$LOGS"

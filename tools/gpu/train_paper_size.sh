@@ -17,12 +17,8 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-out/train_paper_size}
-DEVICE=${DEVICE:-cuda}
-PY=${PY:-python3}
-SMOKE=${SMOKE:-0}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. tools/gpu/env_check.sh
+gpu_defaults out/train_paper_size
 
 if [ "$SMOKE" = 1 ]; then
   SIZE=32; SLOTS=8; CH=16; BATCH=4; STEPS=6; LIMIT=60; WORKERS=1; VAL=8
@@ -32,7 +28,6 @@ else
   WORKERS=${WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))}; VAL=64
 fi
 
-. tools/gpu/env_check.sh
 check_env
 
 # TF32 matmuls on Ampere and newer: the float32 model, tensor-core speed
