@@ -275,7 +275,7 @@ def _ckpt_step(run_dir: pathlib.Path) -> int:
     return checkpoint_progress(run_dir / CKPT_FILE)[0]
 
 
-_REAL_GENERATE_SCENES = train_mod.generate_scenes
+_REAL_LOAD_SCENES = train_mod.load_scenes
 
 
 class _Killed(Exception):
@@ -283,17 +283,17 @@ class _Killed(Exception):
 
 
 def _spy_scenes(monkeypatch: pytest.MonkeyPatch, starts: list[int], kill_at: int | None = None) -> None:
-    """Record the scene index of every training batch (validation batches pass no `start`)."""
-    real = _REAL_GENERATE_SCENES  # not the attribute: an earlier spy may still be patched in
+    """Record the first scene index of every training batch (validation does not go through `load_scenes`)."""
+    real = _REAL_LOAD_SCENES  # not the attribute: an earlier spy may still be patched in
 
-    def spy(split: str, n: int, seed: int, size: int = 32, start: int | None = None):
-        if start is not None:
-            if start == kill_at:
-                raise _Killed
-            starts.append(start)
-        return real(split, n, seed=seed, size=size, start=start or 0)
+    def spy(split: str, indices, seed: int, size: int):
+        start = int(indices[0])
+        if start == kill_at:
+            raise _Killed
+        starts.append(start)
+        return real(split, indices, seed, size)
 
-    monkeypatch.setattr(train_mod, "generate_scenes", spy)
+    monkeypatch.setattr(train_mod, "load_scenes", spy)
 
 
 @pytest.fixture(scope="module")

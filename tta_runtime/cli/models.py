@@ -112,8 +112,8 @@ def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
 
 def _input_caption(result: Any) -> str:
     """The input tile's caption: the OOD verdict (when calibrated) and the score the image really got."""
-    verdict = "" if result.is_ood is None else (" OOD" if result.is_ood else " in-dist")
-    return f"input:{verdict} {result.ood_scorer} {result.ood_score:.2f}"
+    verdict = "score" if result.is_ood is None else ("OOD" if result.is_ood else "in-dist")
+    return f"input: {verdict} {result.ood_score:.2f}"  # short enough for the tile's width
 
 
 def add_list(p: argparse.ArgumentParser) -> None:
