@@ -23,7 +23,8 @@ def test_every_split_is_deterministic_and_its_objects_are_visible(split):
         assert np.array_equal(alone.image, images[i]) and np.array_equal(alone.instances, inst[i])
         ids = np.unique(inst[i])
         assert ids[0] == 0 and np.array_equal(ids, np.arange(len(ids)))  # consecutive, background present
-        assert 1 <= len(ids) - 1 <= max_objects(split)
+        areas = np.bincount(inst[i].ravel())[1:]
+        assert len(areas) <= max_objects(split) and areas.min() >= 2  # every object keeps pixels of its own
 
 
 def test_in_dist_spans_dark_and_bright_backgrounds_and_one_to_six_objects():
