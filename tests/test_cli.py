@@ -201,24 +201,35 @@ def test_eval_json_has_every_variant_and_gain_intervals(eval_json: pathlib.Path)
     assert report["model"] == DEFAULT_MODEL
     # no --recipe: the model card's default recipe
     assert report["recipe"]["name"] == load_card(find_model(None)).default_recipe and report["recipe"]["steps"] == 2
-    assert report["baseline"]["name"] == "entropy" and report["baseline"]["steps"] == 2
+    # the fair baselines by default: entropy on the norm layers; the U-Net with and without its own Tent
+    assert report["baseline"]["name"] == "entropy_norm" and report["baseline"]["steps"] == 2
+    assert report["baseline"]["params"] == "norm"
+    assert report["feedforward_recipe"]["name"] == "unet_tent" and report["feedforward_recipe"]["params"] == "norm"
     assert list(report["splits"]) == ["in_dist", "textured_background"]
     for split in report["splits"].values():
         assert split["n_images"] == 2
-        for variant in ("before", "slot_tta", "entropy", "oracle"):
+        for variant in ("before", "slot_tta", "entropy", "oracle", "feedforward", "feedforward_tta"):
             for metric in ("fg_ari", "ari", "miou"):
                 s = split[variant][metric]
                 lo, hi = s["ci95"]
                 assert lo <= s["mean"] <= hi
                 assert len(split["per_image"][variant][metric]) == 2
                 assert s["mean"] == pytest.approx(np.mean(split["per_image"][variant][metric]), abs=1e-5)
-        for gain in ("slot_tta_gain_fg_ari", "entropy_gain_fg_ari"):
+        for gain in ("slot_tta_gain_fg_ari", "entropy_gain_fg_ari", "feedforward_tta_gain_fg_ari"):
             lo, hi = split[gain]["ci95"]
             assert lo <= split[gain]["mean"] <= hi
         # The oracle picks the best step by FG-ARI, so it is never worse than the last step.
         for a, b in zip(split["per_image"]["oracle"]["fg_ari"], split["per_image"]["slot_tta"]["fg_ari"], strict=True):
             assert a >= b
     assert "slot_tta_fg_ari_mean_over_ood_splits" in report["summary"]
+    assert "feedforward_tta_fg_ari_mean_over_ood_splits" in report["summary"]
+    for variant in ("feedforward", "feedforward_tta"):  # the claim's paired test against each feed-forward variant
+        diff = report["summary"][f"slot_tta_minus_{variant}_fg_ari_pooled_ood_images"]
+        slot = report["splits"]["textured_background"]["per_image"]["slot_tta"]["fg_ari"]
+        other = report["splits"]["textured_background"]["per_image"][variant]["fg_ari"]
+        assert diff["n_images"] == 2 and diff["mean"] == pytest.approx(np.mean(slot) - np.mean(other), abs=1e-5)
+    for split in report["splits"].values():
+        assert split["timing"]["feedforward_tta_seconds_per_image"] > 0
 
 
 def test_eval_report_records_a_runnable_command(eval_json: pathlib.Path):

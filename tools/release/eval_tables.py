@@ -17,7 +17,8 @@ def _ci(cell: dict[str, Any]) -> str:
 
 def eval_tables(report: dict[str, Any]) -> str:
     rows = [
-        "| split | n | FG-ARI before | Slot-TTA (last step) | gain [95% CI] | entropy baseline | oracle best step | U-Net (no slots) | s/img Slot-TTA |",
+        "| split | n | FG-ARI before | Slot-TTA (last step) | gain [95% CI] | entropy baseline | oracle best step "
+        "| U-Net (no slots) | U-Net + its TTA |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for split, r in report["splits"].items():
@@ -27,8 +28,14 @@ def eval_tables(report: dict[str, Any]) -> str:
         g = r["slot_tta_gain_fg_ari"]
         rows.append(
             f"| {split} | {r['n_images']} | {m('before')} | {m('slot_tta')} | {g['mean']:+.3f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}] "
-            f"| {m('entropy')} | {m('oracle')} | {m('feedforward')} | {r['timing'].get('slot_tta_seconds_per_image', 0):.1f} |"
+            f"| {m('entropy')} | {m('oracle')} | {m('feedforward')} | {m('feedforward_tta')} |"
         )
+    timing = ("predict", "slot_tta", "entropy", "feedforward", "feedforward_tta")
+    rows += ["", "Seconds per image (one thread):", "", "| split | slot predict | Slot-TTA | entropy | U-Net | U-Net + its TTA |",
+             "|---|---|---|---|---|---|"]
+    for split, r in report["splits"].items():
+        cells = [r["timing"].get(f"{k}_seconds_per_image") for k in timing]
+        rows.append(f"| {split} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     rows += ["", "| split | ARI before | ARI Slot-TTA | ARI entropy | ARI U-Net | mIoU before | mIoU Slot-TTA | mIoU entropy | mIoU U-Net |", "|---|---|---|---|---|---|---|---|---|"]
     for split, r in report["splits"].items():
         def c(v: str, metric: str) -> str:
@@ -44,11 +51,14 @@ def eval_tables(report: dict[str, Any]) -> str:
         "Mean FG-ARI over the OOD splits: "
         + ", ".join(f"{k.split('_fg_ari')[0]} {v:.3f}" for k, v in s.items() if k.endswith("_mean_over_ood_splits"))
     )
-    for k in ("slot_tta", "entropy"):
-        g = s.get(f"{k}_gain_fg_ari_pooled_ood_images")
+    labels = {"slot_tta_gain": "Gain of Slot-TTA", "entropy_gain": "Gain of the entropy baseline",
+              "slot_tta_minus_feedforward": "Slot-TTA minus the U-Net",
+              "slot_tta_minus_feedforward_tta": "Slot-TTA minus the U-Net with its TTA"}
+    for k, label in labels.items():
+        g = s.get(f"{k}_fg_ari_pooled_ood_images")
         if g:
             rows.append(
-                f"Gain of {k} over all {g['n_images']} OOD images (paired bootstrap): {g['mean']:+.3f} "
+                f"{label}, over all {g['n_images']} OOD images (paired bootstrap): {g['mean']:+.3f} "
                 f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
             )
     return "\n".join(rows)

@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=1
 tr=.venv/bin/tta-runtime
 m=models/slot-shapes-32
 $tr ood fit --model slot-shapes-32
-$tr eval --n-images 20 --jobs 2 --json $m/eval.json
+$tr eval --n-images 20 --jobs 2 --baseline entropy --feedforward-recipe none --json $m/eval.json
 $tr ood eval --model slot-shapes-32 --n-images 256 --json $m/ood_eval.json
 $tr bench gate --model slot-shapes-32 --n-images 32 --json $m/gate_bench.json
 $tr demo --out out/demo --no-progress

@@ -17,9 +17,12 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=None, help="test-scene seed (default 2026)")
     p.add_argument("--recipe", default=None, help="the adaptation recipe (default: the model card's default_recipe)")
-    p.add_argument("--baseline", default="entropy", help="baseline recipe, or 'none'")
-    p.add_argument("--steps", type=int, default=None, help="override both recipes' step count")
+    p.add_argument("--baseline", default="entropy_norm", help="the slot model's baseline recipe, or 'none' (default: mask "
+                   "entropy on the norm layers, tuned on validation scenes; 'entropy' adapts every parameter)")
+    p.add_argument("--steps", type=int, default=None, help="override the slot model's two recipes' step count")
     p.add_argument("--feedforward", default=None, help="feed-forward baseline folder (default: MODEL/feedforward when present)")
+    p.add_argument("--feedforward-recipe", default="unet_tent", help="the feed-forward baseline's own adaptation recipe, "
+                   "or 'none' (default: Tent on its norm layers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one split each (same numbers for any value)")
     p.add_argument("--check", default=None, help="compare with this report (timings excluded); exit 1 if it differs")
@@ -46,6 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
         rt, splits=splits, n_images=args.n_images, seed=args.seed if args.seed is not None else TEST_SEED,
         recipe=args.recipe or rt.recipe.name, baseline=None if args.baseline == "none" else args.baseline, steps=args.steps,
         progress=progress(args), feedforward=feedforward, jobs=args.jobs,
+        feedforward_recipe=None if args.feedforward_recipe == "none" else args.feedforward_recipe,
     )
     report["command"] = command_line(args)
     echo(args, *_eval_table(report))
@@ -69,18 +73,19 @@ def _train_split(rt: Any) -> str:
 
 def _eval_table(report: dict[str, Any]) -> list[str]:
     head = (
-        f"{'split':22}{'n':>4}  {'FG-ARI before':>14}{'Slot-TTA':>10}{'entropy':>10}{'oracle':>10}{'U-Net':>8}  "
-        f"{'gain 95% CI':>20}{'s/img':>8}"
+        f"{'split':22}{'n':>4}  {'FG-ARI before':>14}{'Slot-TTA':>10}{'entropy':>10}{'oracle':>10}{'U-Net':>8}"
+        f"{'U-Net+TTA':>11}  {'gain 95% CI':>20}{'s/img':>8}"
     )
     lines = [head, "-" * len(head)]
     for split, r in report["splits"].items():
-        before, slot_tta, entropy, oracle, unet = (
-            f"{r[v]['fg_ari']['mean']:.3f}" if v in r else "-" for v in ("before", "slot_tta", "entropy", "oracle", "feedforward")
+        before, slot_tta, entropy, oracle, unet, unet_tta = (
+            f"{r[v]['fg_ari']['mean']:.3f}" if v in r else "-"
+            for v in ("before", "slot_tta", "entropy", "oracle", "feedforward", "feedforward_tta")
         )
         g = r["slot_tta_gain_fg_ari"]
         ci = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f},{g['ci95'][1]:+.3f}]"
         lines.append(
-            f"{split:22}{r['n_images']:>4}  {before:>14}{slot_tta:>10}{entropy:>10}{oracle:>10}{unet:>8}  "
+            f"{split:22}{r['n_images']:>4}  {before:>14}{slot_tta:>10}{entropy:>10}{oracle:>10}{unet:>8}{unet_tta:>11}  "
             f"{ci:>20}{r['timing'].get('slot_tta_seconds_per_image', 0):>8.2f}"
         )
     return lines

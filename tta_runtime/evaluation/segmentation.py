@@ -2,8 +2,10 @@
 
 For every image of every split: predict (before), adapt with the Slot-TTA recipe (after, last step;
 plus the best step by FG-ARI, an oracle that peeks at the labels and is labelled so), and adapt with
-the entropy baseline. Means over images with 95% percentile-bootstrap intervals, and the paired gain
-(after - before) with its own interval. Everything but the `timing` section is deterministic for the
+the entropy baseline. With a feed-forward U-Net: its prediction on the same images, and its own
+test-time adaptation (Tent on its norm layers, `feedforward_tta`). Means over images with 95%
+percentile-bootstrap intervals, and the paired gain (after - before) with its own interval; over the
+pooled OOD images, the paired difference between adapted slot model and each feed-forward variant. Everything but the `timing` section is deterministic for the
 same seeds, so a re-run reproduces the JSON exactly.
 """
 
@@ -25,10 +27,11 @@ from tta_runtime.config import AdaptConfig, SegmenterConfig
 from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, generate_scenes, is_ood_split
 from tta_runtime.errors import ConfigError
 from tta_runtime.evaluation.common import interval, one_thread, progress_bar
+from tta_runtime.evaluation.feedforward_tta import adapt_feedforward
 from tta_runtime.hub import load_recipe
 from tta_runtime.metrics import bootstrap_ci, paired_bootstrap_ci, segmentation_metrics
 from tta_runtime.models.segmenter import SegmenterOutput, segmentation_masks
-from tta_runtime.models.unet import load_feedforward, predict_segmentation
+from tta_runtime.models.unet import UNetSegmenter, load_feedforward, predict_segmentation
 from tta_runtime.runtime import Runtime
 
 METRICS = ("fg_ari", "ari", "miou")
@@ -38,38 +41,50 @@ def _summary(values: Sequence[float], seed: int) -> dict[str, Any]:
     return interval(bootstrap_ci(np.asarray(values, dtype=np.float64), seed=seed))
 
 
-def _segment(cfg: SegmenterConfig, out: SegmenterOutput, size: int) -> np.ndarray:
+def segment_output(cfg: SegmenterConfig, out: SegmenterOutput, size: int) -> np.ndarray:
+    """The (S, S) segmentation of the first image of a segmenter output, slot ids."""
     return segmentation_masks(cfg, out)[0].argmax(0).reshape(size, size).cpu().numpy()
 
 
-VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward")
+VARIANTS = ("before", "slot_tta", "oracle", "entropy", "feedforward", "feedforward_tta")
+FEEDFORWARD = ("feedforward", "feedforward_tta")
 
 
 def evaluate_split(
     runtime: Runtime, split: str, n_images: int, *, seed: int = TEST_SEED, adapt: AdaptConfig, baseline: AdaptConfig | None,
-    feedforward: torch.nn.Module | None = None, progress: bool = False, bar: tqdm | None = None,
+    feedforward: UNetSegmenter | None = None, feedforward_recipe: AdaptConfig | None = None, progress: bool = False,
+    bar: tqdm | None = None,
 ) -> dict[str, Any]:
     """Per-image metrics for one split and their summaries (single-threaded: see `one_thread`).
 
-    `progress`: show a bar over the images; `bar`: advance the caller's bar instead (one image a step).
+    `feedforward_recipe`: the U-Net's own adaptation (needs `feedforward`). `progress`: show a bar over the
+    images; `bar`: advance the caller's bar instead (one image a step).
     """
     with one_thread(), progress_bar(n_images, split, enabled=progress, bar=bar, unit="image") as images_bar:
-        return _evaluate_split(runtime, split, n_images, seed, adapt, baseline, feedforward, images_bar)
+        return _evaluate_split(runtime, split, n_images, seed, adapt, baseline, feedforward, feedforward_recipe, images_bar)
 
 
 def _evaluate_split(
     runtime: Runtime, split: str, n_images: int, seed: int, adapt: AdaptConfig, baseline: AdaptConfig | None,
-    feedforward: torch.nn.Module | None, bar: tqdm,
+    feedforward: UNetSegmenter | None, feedforward_recipe: AdaptConfig | None, bar: tqdm,
 ) -> dict[str, Any]:
     size = runtime.input_size
     images, truth = generate_scenes(split, n_images, seed=seed, size=size)
     per: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METRICS} for v in VARIANTS}
-    if feedforward is not None:  # the supervised U-Net without a slot bottleneck, on the same images
-        for i, seg in enumerate(predict_segmentation(feedforward, images)):
+    seconds: dict[str, list[float]] = {"predict": [], "slot_tta": [], "entropy": [], "feedforward": [], "feedforward_tta": []}
+    if feedforward is not None:  # the supervised U-Net without a slot bottleneck, on the same images, one at a time
+        for i in range(n_images):
+            t = time.perf_counter()
+            seg = predict_segmentation(feedforward, images[i : i + 1])[0]
+            seconds["feedforward"].append(time.perf_counter() - t)
             for m, v in segmentation_metrics(truth[i], seg).items():
                 per["feedforward"][m].append(v)
+        if feedforward_recipe is not None:
+            segs, seconds["feedforward_tta"] = adapt_feedforward(feedforward, images, feedforward_recipe)
+            for i, seg in enumerate(segs):
+                for m, v in segmentation_metrics(truth[i], seg).items():
+                    per["feedforward_tta"][m].append(v)
     best_steps: list[int] = []
-    seconds: dict[str, list[float]] = {"predict": [], "slot_tta": [], "entropy": []}
     bar.set_postfix_str(split)
     for i in range(n_images):
         t = time.perf_counter()
@@ -83,7 +98,7 @@ def _evaluate_split(
 
         def on_step(step: int, out: SegmenterOutput, i: int = i) -> None:
             t_cb = time.perf_counter()
-            scores = segmentation_metrics(truth[i], _segment(runtime.model.cfg, out, size))
+            scores = segmentation_metrics(truth[i], segment_output(runtime.model.cfg, out, size))
             step_scores.append((scores["fg_ari"], -step, scores))  # ties: the earliest step
             in_callback[0] += time.perf_counter() - t_cb
 
@@ -114,6 +129,10 @@ def _evaluate_split(
     out["slot_tta_gain_fg_ari"] = interval(paired_bootstrap_ci(per["slot_tta"]["fg_ari"], per["before"]["fg_ari"], seed=seed))
     if per["entropy"]["fg_ari"]:
         out["entropy_gain_fg_ari"] = interval(paired_bootstrap_ci(per["entropy"]["fg_ari"], per["before"]["fg_ari"], seed=seed))
+    if per["feedforward_tta"]["fg_ari"]:
+        out["feedforward_tta_gain_fg_ari"] = interval(
+            paired_bootstrap_ci(per["feedforward_tta"]["fg_ari"], per["feedforward"]["fg_ari"], seed=seed)
+        )
     out["oracle_best_step_median"] = float(np.median(best_steps))
     out["per_image"] = {v: {m: [round(x, 6) for x in vals] for m, vals in ms.items()} for v, ms in per.items() if ms["fg_ari"]}
     out["timing"] = {f"{k}_seconds_per_image": round(float(np.mean(v)), 4) for k, v in seconds.items() if v}
@@ -129,12 +148,13 @@ def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
     return evaluate_split(
         runtime, job["split"], job["n_images"], seed=job["seed"], adapt=AdaptConfig(**job["adapt"]),
         baseline=None if job["baseline"] is None else AdaptConfig(**job["baseline"]), feedforward=feedforward,
+        feedforward_recipe=None if job["feedforward_recipe"] is None else AdaptConfig(**job["feedforward_recipe"]),
     )
 
 
 def _evaluate_in_workers(
     runtime: Runtime, splits: Sequence[str], n_images: int, seed: int, adapt: AdaptConfig, base: AdaptConfig | None,
-    feedforward: str | Path | None, jobs: int, bar: tqdm,
+    feedforward: str | Path | None, ff_recipe: AdaptConfig | None, jobs: int, bar: tqdm,
 ) -> dict[str, Any]:
     """Each split in a worker process (`_split_worker`); `bar` advances by a split's images as it finishes."""
     if runtime.folder is None:
@@ -142,7 +162,8 @@ def _evaluate_in_workers(
     work = [
         {"model": str(runtime.folder), "device": str(runtime.device), "split": split, "n_images": n_images,
          "seed": seed, "adapt": adapt.model_dump(), "baseline": None if base is None else base.model_dump(),
-         "feedforward": None if feedforward is None else str(feedforward)}
+         "feedforward": None if feedforward is None else str(feedforward),
+         "feedforward_recipe": None if ff_recipe is None else ff_recipe.model_dump()}
         for split in splits
     ]
     ctx = multiprocessing.get_context("spawn")  # no fork: torch state is not fork-safe
@@ -159,32 +180,37 @@ def _evaluate_in_workers(
 def evaluate(
     runtime: Runtime, *, splits: Sequence[str] = ("in_dist", *OOD_SPLITS), n_images: int = 24, seed: int = TEST_SEED,
     recipe: str | None = None, baseline: str | None = "entropy", steps: int | None = None, progress: bool = False,
-    feedforward: str | Path | None = None, jobs: int = 1,
+    feedforward: str | Path | None = None, feedforward_recipe: str | None = None, jobs: int = 1,
 ) -> dict[str, Any]:
     """The evaluation JSON (see the module docstring).
 
-    `feedforward`: folder of a feed-forward baseline to score on the same images. `jobs` > 1 evaluates
+    `feedforward`: folder of a feed-forward baseline to score on the same images; `feedforward_recipe`: the
+    recipe it adapts with (e.g. "unet_tent"; None: no adaptation of it). `jobs` > 1 evaluates
     splits in that many worker processes (one thread each, like the in-process path, so the numbers are
     identical for any `jobs`). `recipe`: default the runtime's (the model card's default_recipe).
     """
     extra = {} if steps is None else {"steps": steps}
     adapt = load_recipe(recipe or runtime.recipe.name, **extra)
     base = load_recipe(baseline, **extra) if baseline else None
+    ff_recipe = load_recipe(feedforward_recipe) if feedforward is not None and feedforward_recipe else None
     t0 = time.perf_counter()
     # One bar for the whole call, one step an image; its postfix names the current split.
     with tqdm(total=len(splits) * n_images, desc="eval", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         if jobs > 1:
-            results = _evaluate_in_workers(runtime, splits, n_images, seed, adapt, base, feedforward, jobs, bar)
+            results = _evaluate_in_workers(runtime, splits, n_images, seed, adapt, base, feedforward, ff_recipe, jobs, bar)
         else:
             ff_model = None if feedforward is None else load_feedforward(feedforward)
             results = {
-                split: evaluate_split(runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model, bar=bar)
+                split: evaluate_split(
+                    runtime, split, n_images, seed=seed, adapt=adapt, baseline=base, feedforward=ff_model,
+                    feedforward_recipe=ff_recipe, bar=bar,
+                )
                 for split in splits
             }
     ood = [s for s in splits if is_ood_split(s)]
     summary: dict[str, Any] = {}
     if ood:
-        for variant in ("before", "slot_tta", "entropy", "oracle", "feedforward"):
+        for variant in VARIANTS:
             if all(variant in results[s] for s in ood):
                 summary[f"{variant}_fg_ari_mean_over_ood_splits"] = round(
                     float(np.mean([results[s][variant]["fg_ari"]["mean"] for s in ood])), 6
@@ -197,10 +223,19 @@ def evaluate(
                 summary[f"{variant}_gain_fg_ari_pooled_ood_images"] = {
                     **interval(paired_bootstrap_ci(after, before, seed=seed)), "n_images": int(len(after)),
                 }
+        # Slot-TTA's claim against each feed-forward variant, on the same OOD images (paired).
+        slot = np.concatenate([results[s]["per_image"]["slot_tta"]["fg_ari"] for s in ood])
+        for variant in FEEDFORWARD:
+            if all(variant in results[s]["per_image"] for s in ood):
+                other = np.concatenate([results[s]["per_image"][variant]["fg_ari"] for s in ood])
+                summary[f"slot_tta_minus_{variant}_fg_ari_pooled_ood_images"] = {
+                    **interval(paired_bootstrap_ci(slot, other, seed=seed)), "n_images": int(len(slot)),
+                }
     return {
         "model": runtime.name,
         "recipe": adapt.model_dump(),
         "baseline": None if base is None else base.model_dump(),
+        **({} if ff_recipe is None else {"feedforward_recipe": ff_recipe.model_dump()}),
         "splits": results,
         "summary": summary,
         "timing": {
