@@ -115,6 +115,12 @@ def load_card(folder: Path) -> ModelCard:
     default recipe must be a plain recipe name (ModelLoadError otherwise)."""
     path = Path(folder) / CARD_FILE
     data = read_json(path, "model card", error=ModelLoadError)
+    if isinstance(data, dict) and data.get("task") == "encoder":
+        raise ModelLoadError(
+            f"{Path(folder)} is a pretrained encoder (task 'encoder'), not a model that predicts: initialise a segmenter "
+            f"with it (tta-runtime train segmenter --encoder unet --init-encoder {Path(folder)}); "
+            "tta_runtime.models.encoder_folder.load_encoder reads it"
+        )
     try:
         card: ModelCard = validate(ModelCard, data, f"model card {path}")
     except ConfigError as e:

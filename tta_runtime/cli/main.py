@@ -54,6 +54,7 @@ COMMANDS: tuple[Command, ...] = (
             "saved in the model folder", json=True, long=True),
     Command("train segmenter", train.add_segmenter, "train a slot segmenter on generated scenes (resumable)", long=True),
     Command("train unet", train.add_unet, "train the supervised U-Net baseline (no slot bottleneck; resumable)", long=True),
+    Command("train encoder", train.add_encoder, "pretrain a U-Net encoder without labels (masked image modelling; resumable)", long=True),
     Command("train classifier", train.add_classifier, "train a digits CNN classifier", long=True, extra="digits"),
     Command("train ftwt", train.add_ftwt, "train FTWT channel-pruning predictors: a pruned variant into the model folder",
             long=True, extra="digits"),

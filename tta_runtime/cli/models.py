@@ -139,7 +139,16 @@ def add_info(p: argparse.ArgumentParser) -> None:
 def _info(args: argparse.Namespace) -> int:
     from tta_runtime.hub import find_model, load_card
 
-    card = load_card(find_model(args.model)).model_dump(mode="json")
+    from tta_runtime.errors import ModelLoadError
+    from tta_runtime.files import read_json
+
+    folder = find_model(args.model)
+    if read_json(folder / "card.json", "model card", error=ModelLoadError).get("task") == "encoder":  # its own card
+        from tta_runtime.models.encoder_folder import load_encoder
+
+        card = load_encoder(folder)[0].model_dump(mode="json")
+    else:
+        card = load_card(folder).model_dump(mode="json")
     if args.json is None:  # the card is the result: printed unless it goes to a file
         args.json = "-"
     write_json(args, card)

@@ -1,4 +1,4 @@
-"""`tta-runtime train segmenter | unet | classifier | ftwt`: every kind of training, one command group.
+"""`tta-runtime train segmenter | unet | encoder | classifier | ftwt`: every kind of training, one command group.
 
 Each writes a model folder (card.json + weights.safetensors) or, for `ftwt`, a pruned variant inside one;
 the card records the command that made it. The loops live in `tta_runtime.training`.
@@ -39,6 +39,8 @@ def add_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=500, help="linear lr warm-up steps")
     p.add_argument("--lr-final-fraction", type=float, default=0.1, help="cosine decay to lr x this at the end")
     p.add_argument("--init-from", default=None, help="start from a checkpoint or model folder: a fine-tuning stage")
+    p.add_argument("--init-encoder", default=None,
+                   help="a pretrained encoder (folder or name, `train encoder`) for the U-Net encoder's body")
     p.add_argument("--data-start", type=int, default=0, help="first training scene index")
     p.add_argument("--val-images", type=int, default=64)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; re-run to resume)")
@@ -89,6 +91,7 @@ def _segmenter(args: argparse.Namespace) -> int:
             "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight, "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every, "warmup": args.warmup, "lr_final_fraction": args.lr_final_fraction,
             "val_images": args.val_images, "init_from": args.init_from, "data_start": args.data_start,
+            "init_encoder": args.init_encoder,
             **scene_data(args),
         },
         "train options",
@@ -133,6 +136,45 @@ def _unet(args: argparse.Namespace) -> int:
     model = train_feedforward(cfg, Path(args.run_dir), progress=progress(args))
     save_feedforward(model, cfg, args.out, command=command_line(args), run_dir=args.run_dir)
     echo(args, f"wrote baseline folder {args.out}")
+    return 0
+
+
+def add_encoder(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="encoder folder to write (card.json + weights.safetensors)")
+    p.add_argument("--name", default="unet-mim-64")
+    p.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/NAME); re-run to resume")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--base-channels", type=int, default=16, help="the U-Net body's width (a slot model's --encoder-channels)")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--world", choices=("shapes", "flat"), default="flat", help="the generated scenes among the images")
+    p.add_argument("--photo-fraction", type=float, default=0.5, help="share of each batch that is photo crops")
+    p.add_argument("--mask-ratio", type=float, default=0.5, help="share of the patches hidden")
+    p.add_argument("--patch", type=int, default=8, help="hidden square side, pixels")
+    p.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds; re-run to resume")
+    p.set_defaults(func=_encoder)
+
+
+def _encoder(args: argparse.Namespace) -> int:
+    from tta_runtime.config import validate
+    from tta_runtime.models.encoder_folder import EncoderArch
+    from tta_runtime.training.pretrain import PretrainConfig, pretrain_encoder, write_encoder_folder
+
+    arch = validate(EncoderArch, {"resolution": args.resolution, "base_channels": args.base_channels, "depth": args.depth},
+                    "train encoder options")
+    cfg = validate(
+        PretrainConfig,
+        {"name": args.name, "model": arch, "train_split": "flat/in_dist" if args.world == "flat" else "in_dist",
+         "photo_fraction": args.photo_fraction, "mask_ratio": args.mask_ratio, "patch": args.patch, "steps": args.steps,
+         "batch": args.batch, "lr": args.lr},
+        "train encoder options",
+    )
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}")
+    body = pretrain_encoder(cfg, run_dir, progress=progress(args), time_limit=args.time_limit)
+    out = write_encoder_folder(body, cfg, args.out, command=command_line(args), run_dir=run_dir)
+    echo(args, f"wrote encoder folder {out}")
     return 0
 
 

@@ -22,7 +22,7 @@ A model folder holds `card.json` (`FeedForwardCard`) and `weights.safetensors`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -42,29 +42,55 @@ __all__ = [
     "FeedForwardConfig",
     "FeedForwardProvenance",
     "UNetSegmenter",
+    "UNetShape",
+    "WeightsCard",
+    "load_checked_weights",
     "load_feedforward",
     "predict_segmentation",
 ]
+
+T = TypeVar("T", bound="WeightsCard")
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-class FeedForwardConfig(_Frozen):
-    """Architecture of the U-Net baseline."""
+class UNetShape(_Frozen):
+    """A U-Net body's shape: input size, width, levels (the baseline's and a pretrained encoder's)."""
 
     resolution: int = Field(32, ge=8, le=512, description="square input size in pixels")
-    num_slots: int = Field(8, ge=2, le=64, description="K mask channels (same K as the slot model)")
     base_channels: int = Field(32, ge=4, le=512, description="channels at full resolution; doubled per level")
     depth: int = Field(2, ge=1, le=6, description="number of down/up levels")
 
     @model_validator(mode="after")
-    def _divisible(self) -> FeedForwardConfig:
+    def _divisible(self) -> UNetShape:
         if self.resolution % (2**self.depth):
             raise ValueError(
                 f"resolution ({self.resolution}) must be divisible by 2**depth ({2**self.depth}) so that "
                 "every pooled map upsamples back to its skip connection's size"
             )
+        return self
+
+
+class FeedForwardConfig(UNetShape):
+    """Architecture of the U-Net baseline."""
+
+    num_slots: int = Field(8, ge=2, le=64, description="K mask channels (same K as the slot model)")
+
+
+class WeightsCard(_Frozen):
+    """What every card of a weights-only folder holds: a name, a description, the weights file (a plain name
+    inside the folder) with its sha256, and measured metrics."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    description: str = ""
+    weights: WeightsSpec
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _plain_file(self) -> WeightsCard:
+        if Path(self.weights.file).name != self.weights.file or self.weights.file in ("", ".", ".."):
+            raise ValueError(f"weights.file must be a file name inside the folder, got {self.weights.file!r}")
         return self
 
 
@@ -81,22 +107,16 @@ class FeedForwardProvenance(_Frozen):
     hardware: str
 
 
-class FeedForwardCard(_Frozen):
+class FeedForwardCard(WeightsCard):
     """`card.json` of a feed-forward baseline folder."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     task: Literal["segmentation"] = "segmentation"
     architecture: Literal["unet_feedforward"] = "unet_feedforward"
-    description: str = ""
     model: FeedForwardConfig
-    weights: WeightsSpec
     training: FeedForwardProvenance
-    metrics: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _plain_file(self) -> FeedForwardCard:
-        if Path(self.weights.file).name != self.weights.file or self.weights.file in ("", ".", ".."):
-            raise ValueError(f"weights.file must be a file name inside the folder, got {self.weights.file!r}")
+    def _same_model(self) -> FeedForwardCard:
         if self.training.train_config.get("model") != self.model.model_dump(mode="json"):
             raise ValueError("training.train_config.model differs from model")
         return self
@@ -146,20 +166,18 @@ def predict_segmentation(model: UNetSegmenter, images: np.ndarray, batch: int = 
     return out
 
 
-def load_feedforward(folder: str | Path) -> UNetSegmenter:
-    """Load a folder written by `save_feedforward`, in eval mode on CPU.
-
-    Raises ModelLoadError when the card is missing or invalid, the weights are missing, their sha256
-    differs from the card's, or they do not fit the card's architecture.
-    """
+def load_checked_weights(folder: str | Path, card_type: type[T], what: str) -> tuple[T, dict[str, torch.Tensor]]:
+    """The card (`card.json`, validated as `card_type`) and weights of a folder whose card names its weights file
+    and their sha256. `ModelLoadError` when the card is missing or invalid, the weights are missing, or their
+    sha256 differs from the card's. `what` names the folder's kind in errors ("feed-forward card")."""
     folder = Path(folder)
     card_path = folder / CARD_FILE
     try:
-        card = FeedForwardCard.model_validate_json(card_path.read_text())
+        card = card_type.model_validate_json(card_path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"no {CARD_FILE} in {folder}") from None
     except ValidationError as e:
-        raise ModelLoadError(format_validation_error(e, f"feed-forward card {card_path}")) from None
+        raise ModelLoadError(format_validation_error(e, f"{what} {card_path}")) from None
     weights = folder / card.weights.file
     if not weights.is_file():
         raise ModelLoadError(f"weights file {weights} named by {card_path} does not exist")
@@ -169,9 +187,19 @@ def load_feedforward(folder: str | Path) -> UNetSegmenter:
             f"sha256 of {weights} is {digest}, the card says {card.weights.sha256}: the weights were "
             "modified or belong to another card"
         )
+    return card, load_file(str(weights))
+
+
+def load_feedforward(folder: str | Path) -> UNetSegmenter:
+    """Load a folder written by `save_feedforward`, in eval mode on CPU.
+
+    Raises ModelLoadError when the card is missing or invalid, the weights are missing, their sha256
+    differs from the card's, or they do not fit the card's architecture.
+    """
+    card, state = load_checked_weights(folder, FeedForwardCard, "feed-forward card")
     model = UNetSegmenter(card.model)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"{weights} does not fit the card's architecture {card.model}: {e}") from None
+        raise ModelLoadError(f"the weights in {folder} do not fit the card's architecture {card.model}: {e}") from None
     return model.eval()

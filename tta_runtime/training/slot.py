@@ -95,6 +95,10 @@ class TrainConfig(SceneDataConfig):
         None, description="start from these weights (a training checkpoint ckpt.safetensors or a model folder) with a fresh "
         "optimizer and this config's schedule: a fine-tuning stage"
     )
+    init_encoder: str | None = Field(
+        None, description="a pretrained encoder folder or name (tta-runtime train encoder) whose U-Net body initialises "
+        "the U-Net encoder (encoder='unet', same base channels), all but its output head"
+    )
     data_start: int = Field(0, ge=0, description="first scene index of the training stream (a later stage can use unseen scenes)")
     ckpt_every: int = Field(250, ge=1)
     eval_every: int = Field(500, ge=1)
@@ -290,6 +294,13 @@ def train(
         if cfg.init_from is not None:
             model.load_state_dict(_initial_weights(cfg.init_from), strict=True)
             log.info("initialised from %s", cfg.init_from)
+        if cfg.init_encoder is not None:
+            if cfg.segmenter.encoder != "unet":
+                raise ConfigError(f"init_encoder {cfg.init_encoder!r} is a U-Net body: it needs encoder='unet' (--encoder unet)")
+            from tta_runtime.models.encoder_folder import body_init
+
+            source = body_init(model.encoder.convs, cfg.init_encoder)
+            log.info("encoder body initialised from %s (sha256 %s)", source["name"], source["sha256"][:12])
 
     def step_fn(step: int) -> StepOutput:
         b = batches(step).to(device)
