@@ -15,13 +15,13 @@ from tta_runtime.cli.main import COMMANDS, GROUPS, build_parser, main
 
 # Commands that run longer than a few seconds: one progress bar and --no-progress.
 LONG = {
-    "demo", "eval", "ood fit", "ood eval", "train segmenter", "train unet", "train classifier", "train ftwt", "stream",
+    "demo", "eval", "ood fit", "ood eval", "train segmenter", "train unet", "train encoder", "train classifier", "train ftwt", "stream",
     "export", "bench gate", "bench adapt", "bench tta", "bench prune", "bench stream", "bench backends", "bench serve",
     "bench overhead",
     "predict", "calibrate",
 }
 # Commands without a JSON result (they write a model folder or a calibration into one).
-NO_JSON = {"ood fit", "train segmenter", "train unet", "train classifier", "train ftwt", "serve"}
+NO_JSON = {"ood fit", "train segmenter", "train unet", "train encoder", "train classifier", "train ftwt", "serve"}
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
