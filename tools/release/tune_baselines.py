@@ -51,6 +51,7 @@ def _mean_over_splits(scores: dict[str, dict[int, list[float]]]) -> dict[int, fl
 def tune_unet(folders: list[str], splits: tuple[str, ...], n: int, max_steps: int, bar: tqdm) -> dict:
     grid: dict[float, dict[int, float]] = {}
     for lr in UNET_LRS:
+        recipe = load_recipe("tent", name="unet_tent_sweep", lr=lr, steps=max_steps, norm_stats="source")
         per_model = []
         for folder in folders:
             unet = load_feedforward(folder)
@@ -58,7 +59,6 @@ def tune_unet(folders: list[str], splits: tuple[str, ...], n: int, max_steps: in
             for split in splits:
                 images, truth = generate_scenes(split, n, seed=VAL_SEED, size=unet.cfg.resolution)
                 per: dict[int, list[float]] = defaultdict(list)
-                recipe = load_recipe("tent", name="unet_tent_sweep", lr=lr, steps=max_steps, norm_stats="source")
                 adapt_feedforward(unet, images, recipe, on_step=lambda i, step, seg: per[step].append(fg_ari(truth[i], seg)))
                 scores[split] = per
                 bar.update(n)

@@ -46,7 +46,9 @@ def load_encoder(folder: str | Path) -> tuple[EncoderCard, UNetBody]:
 
     `folder`: an encoder folder, or the name of one in a model repository (`TTA_RUNTIME_MODELS`, models/).
     `ModelLoadError` when it is not an encoder folder or its weights do not fit its card."""
-    path = _find(folder)
+    from tta_runtime.hub import find_model
+
+    path = find_model(str(folder))  # a folder, or a name in a model repository
     card, state = load_checked_weights(path, EncoderCard, "encoder card")
     body = UNetBody(card.model.resolution, 3, card.model.base_channels, card.model.depth)
     try:
@@ -74,12 +76,3 @@ def body_init(target: UNetBody, folder: str | Path) -> dict[str, str]:
     if unexpected or any(not k.startswith(HEAD_PREFIX) for k in missing):
         raise ConfigError(f"encoder {card.name!r} does not fit: missing {missing}, unexpected {unexpected}")
     return {"name": card.name, "sha256": card.weights.sha256}
-
-
-def _find(folder: str | Path) -> Path:
-    path = Path(folder)
-    if (path / "card.json").is_file():
-        return path
-    from tta_runtime.hub import find_model
-
-    return find_model(str(folder))  # a repository name; its errors list what there is
