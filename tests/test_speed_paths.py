@@ -148,6 +148,15 @@ def test_score_ood_off_skips_the_frozen_pass_and_changes_no_answer(ood_image: np
         off.adapt_and_predict(ood_image, adapt="when_ood")
 
 
+def test_score_ood_off_on_onnxruntime_exports_no_ood_part(ood_image: np.ndarray) -> None:
+    on = tta_runtime.Runtime.from_pretrained(backend="onnxruntime")
+    off = tta_runtime.Runtime.from_pretrained(backend="onnxruntime", score_ood=False)
+    assert "ood_score" not in [o["name"] for o in off._ort._manifest["outputs"]]
+    a, b = on.predict(ood_image), off.predict(ood_image)
+    assert math.isnan(b.ood_score) and b.is_ood is None and not math.isnan(a.ood_score)
+    assert np.array_equal(a.segmentation, b.segmentation) and np.allclose(a.masks, b.masks, atol=1e-5)
+
+
 def test_bench_overhead_writes_its_ratios(tmp_path, capsys) -> None:
     import json
 

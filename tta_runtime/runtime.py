@@ -99,6 +99,7 @@ class Runtime:
             self._ort = OrtFrozenPath(
                 self.model, card, calibration=self.calibration, providers=providers_for_device(self.device),
                 options=OrtOptions(intra_op_num_threads=ort_threads if ort_threads is not None else self._threads.choose(1)),
+                score_ood=self.options.score_ood,
             )
 
     # -- construction ------------------------------------------------------------------------------
@@ -461,6 +462,8 @@ class Runtime:
         if self._ort is not None:
             out, oods = self._ort(x)
             self._last_pruning = [None] * x.shape[0]
+            if not self.options.score_ood:
+                return out, [NO_SCORE] * x.shape[0]
             if not self._weights_moved:
                 return out, warn_far_ood([OODScore(*o) for o in oods], self.card)
         else:

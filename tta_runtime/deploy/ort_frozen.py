@@ -47,18 +47,21 @@ class OrtFrozenPath:
     """The runtime's frozen path on ONNX Runtime for the slot segmenter: (B, 3, S, S) tensor ->
     (SegmenterOutput, [(ood_score, scorer, is_ood, recon_mse) per image]), the PyTorch path's contract.
 
-    Exports `predictor_ood` in memory (verified against PyTorch on 20 random images unless `verify` is
-    False; no file written). Before each call it checks whether the model's weights changed (continual
+    Exports `predictor_ood` in memory (`predictor` when `score_ood` is False: no OOD outputs, the scores come
+    back NaN with scorer "off"), verified against PyTorch on 20 random images unless `verify` is False; no
+    file written. Before each call it checks whether the model's weights changed (continual
     adaptation, reset) and, if so, writes them into the graph's initializers by name and reopens the session.
     """
 
     def __init__(
         self, model: nn.Module, card: ModelCard, *, calibration: Calibration | None, providers: Sequence[str | tuple[str, Mapping[str, Any]]],
         options: OrtOptions | Mapping[str, Any] | None = None, max_batch: int = 64, verify: bool = True,
+        score_ood: bool = True,
     ) -> None:
         self.model, self.card, self.max_batch = model, card, max_batch
         self._providers, self._options = providers, options
-        opts = validate(ExportOptions, {"part": "predictor_ood", "dynamic": {"batch": (1, max_batch)}}, "frozen path export")
+        part = "predictor_ood" if score_ood else "predictor"
+        opts = validate(ExportOptions, {"part": part, "dynamic": {"batch": (1, max_batch)}}, "frozen path export")
         data, inputs, outputs = export_onnx_bytes(model, card, opts, calibration=calibration)
         if verify:
             report = verify_onnx_bytes(data, model, card, opts, inputs, outputs, calibration=calibration, n_images=20, seed=0)
@@ -69,7 +72,7 @@ class OrtFrozenPath:
             "inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
             "dynamic": opts.dynamic.model_dump(mode="json") if opts.dynamic else None,
         }
-        self.ood = export_kind(card).ood_info(card, "predictor_ood", calibration) or {}
+        self.ood = (export_kind(card).ood_info(card, part, calibration) or {}) if score_ood else {"scorer": "off"}
         self._names = [n for n, v in model.state_dict().items() if v.is_floating_point()]
         self.backend = OnnxRuntimeBackend(data, providers=providers, options=options, manifest=self._manifest)
         self._fingerprint = self._state_fingerprint()
@@ -111,6 +114,8 @@ class OrtFrozenPath:
         empty = masks.new_zeros(0)  # per-slot RGB, logits and attention stay inside the graph
         out = SegmenterOutput(masks=masks, reconstruction=recon, rgb=empty, logits=empty, slots=slots, attention=empty)
         scorer, threshold = self.ood.get("scorer", "recon_mse"), self.ood.get("threshold")
+        if "ood_score" not in outs:  # exported without the OOD part (score_ood=False)
+            return out, [(float("nan"), "off", None, float("nan"))] * len(batch)
         return out, [
             (float(score), scorer, None if threshold is None else bool(score > threshold), float(mse))
             for score, mse in zip(outs["ood_score"], outs["recon_mse"], strict=True)
