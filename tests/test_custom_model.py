@@ -367,3 +367,28 @@ def test_eata_says_when_it_has_no_fisher(caplog) -> None:
     assert rep.method_info["fisher"].startswith("absent") and "anti-forgetting term is off" in caplog.text
     shipped = tta_runtime.Runtime.from_pretrained("digits-cnn-bn", recipe="eata")
     assert shipped.adapt_and_predict(x)[0].adaptation.method_info["fisher"] == "used"
+
+
+def test_serve_runs_the_folders_code_only_with_trust_code(saved, digits, tmp_path) -> None:
+    """A real server in a child process: without --trust-code the folder is refused (readiness says why, naming the
+    flag); with it, /v1/predict answers what the Runtime in this process answers."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import cv2
+
+    from tta_runtime.serve import ServeSettings
+    from tta_runtime.serve.engine import Engine
+    from tta_runtime.serve.process import ServerProcess
+
+    engine = Engine(ServeSettings(models=(str(saved),), warmup=False))
+    engine.start()
+    assert not engine.wait_ready(60) and "--trust-code" in engine.failed and "Nothing was imported" in engine.failed
+    engine.shutdown()
+    image = digits["xt"][0]
+    local = tta_runtime.Runtime.from_pretrained(saved, trust_code=True).predict(image)
+    env = {"PYTHONPATH": str(Path(__file__).parent)}  # where the card's builder (this module) imports from
+    with ServerProcess(["--model", str(saved), "--trust-code"], env=env, log=tmp_path / "server.log") as srv:
+        body = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+        status, data = srv.json("POST", "/v1/predict", body, {"Content-Type": "image/png"})
+    assert status == 200, data
+    assert data["classification"]["label"] == local.label
+    assert data["classification"]["probs"] == pytest.approx(local.probs.tolist(), abs=1e-5)

@@ -154,8 +154,8 @@ def check_trust(card: ModelCard, folder: Path, trust_code: bool) -> None:
         raise ModelLoadError(
             f"the model in {folder} is built by Python code ({card.architecture!r}): loading it imports "
             f"{builder.split(':')[0]!r} and runs {builder.split(':')[1]}(). Nothing was imported or run. If you trust that "
-            "code, pass trust_code=True (Runtime.from_pretrained(folder, trust_code=True); CLI: `tta-runtime calibrate` and "
-            "`tta-runtime export` take --trust-code)"
+            "code, pass trust_code=True (Runtime.from_pretrained(folder, trust_code=True); CLI: `tta-runtime calibrate`, "
+            "`export` and `serve` take --trust-code)"
         )
 
 

@@ -24,6 +24,8 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="largest `steps` a request may ask for (past it: 422)")
     p.add_argument("--max-sessions", type=int, default=None, help="continual sessions kept, LRU-evicted past it (0: none)")
     p.add_argument("--session-ttl", type=float, default=None, help="seconds an idle session is kept")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a model folder whose card names Python code (your own module) run it")
     g = p.add_argument_group("Ray Serve (extra `ray`): the same app in front of worker replicas")
     g.add_argument("--ray", action="store_true", help="deploy on Ray Serve (starts a local Ray cluster, or joins --address)")
     g.add_argument("--address", default=None, help="an existing Ray cluster to join (e.g. 'auto' or 'ray://head:10001')")
@@ -52,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         "models": tuple(args.model) if args.model else None, "workers": args.workers, "threads": args.threads,
         "device": args.device, "max_queue": args.max_queue, "timeout_s": args.timeout,
         "max_body_bytes": args.max_body_bytes, "max_pixels": args.max_pixels, "max_steps": args.max_steps,
-        "max_sessions": args.max_sessions, "session_ttl_s": args.session_ttl,
+        "max_sessions": args.max_sessions, "session_ttl_s": args.session_ttl, "trust_code": args.trust_code or None,
     }
     settings = validate(ServeSettings, {k: v for k, v in given.items() if v is not None}, "serve options")
     if args.ray or args.config_out:

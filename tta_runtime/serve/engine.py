@@ -102,7 +102,7 @@ class Engine:
                 folder = find_model(name)
                 card = load_card(folder)
                 runtimes = [Runtime.from_pretrained(folder, device=self.settings.device, max_pixels=self.settings.max_pixels,
-                                                    threads=self.settings.threads)
+                                                    threads=self.settings.threads, trust_code=self.settings.trust_code)
                             for _ in range(self.settings.workers)]
                 if self.settings.warmup:  # the first forward and backward of a process are slow: not on a client's time
                     blank = np.zeros((card.preprocessing.size, card.preprocessing.size, 3), np.uint8)
@@ -302,7 +302,8 @@ class Engine:
         recipe = STREAM_RECIPE[loaded.card.task] or loaded.card.default_recipe
         extra = {"steps": DEFAULT_STEPS_PER_FRAME} if loaded.card.task == "segmentation" else {}
         return Runtime.from_pretrained(loaded.folder, device=self.settings.device, max_pixels=self.settings.max_pixels,
-                                       recipe=recipe, mode="continual", threads=self.settings.threads, **extra)
+                                       recipe=recipe, mode="continual", threads=self.settings.threads,
+                                       trust_code=self.settings.trust_code, **extra)
 
     def _body(self, rt: Any, loaded: Loaded, res: Any, opts: dict[str, Any]) -> dict[str, Any]:
         from tta_runtime.visual import encode_png

@@ -32,6 +32,8 @@ class ServeSettings(_Frozen):
     max_sessions: int = Field(32, ge=0, le=10_000, description="continual sessions kept (LRU eviction past it); 0 = none")
     session_ttl_s: float = Field(600.0, gt=0, le=7 * 86400, description="a session idle this long is dropped")
     warmup: bool = Field(True, description="run one predict per Runtime before /readyz says ready")
+    trust_code: bool = Field(False, description="let a model folder whose card names Python code (a user's own "
+                             "module) run it; off: such a folder is refused, nothing of it imported")
 
     @field_validator("models", mode="before")
     @classmethod
