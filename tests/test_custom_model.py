@@ -392,3 +392,28 @@ def test_serve_runs_the_folders_code_only_with_trust_code(saved, digits, tmp_pat
     assert status == 200, data
     assert data["classification"]["label"] == local.label
     assert data["classification"]["probs"] == pytest.approx(local.probs.tolist(), abs=1e-5)
+
+
+def test_save_overwrite_swaps_the_whole_folder_or_leaves_it_bit_exact(calibrated, tmp_path) -> None:
+    """overwrite=True replaces the folder in one rename (keeping what save does not write); a save that fails while
+    writing leaves the old folder byte for byte as it was, and no staging folder behind."""
+    import dataclasses
+
+    from tta_runtime.save import save_folder
+
+    rt, _ = calibrated
+    folder = rt.save(tmp_path / "m", builder=BUILDER)
+    (folder / "NOTES.md").write_text("mine")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a model"):
+        rt.save(folder, builder=BUILDER)
+    broken = {n: dataclasses.replace(c, threshold=float("nan")) for n, c in rt._calibrations.items()}
+    with pytest.raises(ConfigError, match="non-finite"):
+        save_folder(folder, model=rt.model, card=rt.card, recipe=rt.recipe, calibrations=broken, fisher=rt._fisher,
+                    builder=BUILDER, name="renamed", overwrite=True)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    rt.save(folder, builder=BUILDER, name="renamed", overwrite=True)
+    assert json.loads((folder / "card.json").read_text())["name"] == "renamed" and (folder / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and oct(folder.stat().st_mode & 0o777) == "0o755"
+    assert tta_runtime.Runtime.from_pretrained(folder, trust_code=True).name == "renamed"

@@ -17,6 +17,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from tta_runtime.errors import ConfigError
 from tta_runtime.files import atomic_write, writable_path
 from tta_runtime.hub import CARD_FILE
 from tta_runtime.models.wrapped import WrappedClassifier, convert_batchnorm, import_builder, load_into
-from tta_runtime.ood import CALIBRATION_DIR, CALIBRATION_JSON, CALIBRATION_NPZ, Calibration, save_calibration
+from tta_runtime.ood import CALIBRATION_DIR, Calibration, save_calibration
 
 __all__ = ["recipe_toml", "save_folder", "write_calibration"]
 
@@ -108,30 +111,60 @@ def save_folder(
     _check_builder(builder, model, card, state)
     data = weights_bytes(state)
     sha = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in (WEIGHTS_FILE, FISHER_FILE, CARD_FILE, RECIPE_FILE):
-        writable_path(folder / f, "model folder file")
-    atomic_write(folder / WEIGHTS_FILE, data, "weights")
-    fisher_spec = None
-    if fisher is not None:
-        fdata = weights_bytes(fisher)
-        atomic_write(folder / FISHER_FILE, fdata, "Fisher information")
-        fisher_spec = WeightsSpec(file=FISHER_FILE, sha256=hashlib.sha256(fdata).hexdigest())
-    elif (folder / FISHER_FILE).is_file():
-        (folder / FISHER_FILE).unlink()  # a stale one from an earlier save (the card will not name it)
-    if calibrations:  # fitted for these very weights: say so, so load_calibration accepts them
-        save_calibration(folder, {n: dataclasses.replace(c, weights_sha256=sha) for n, c in calibrations.items()})
-    else:
-        for f in (CALIBRATION_JSON, CALIBRATION_NPZ):
-            (folder / CALIBRATION_DIR / f).unlink(missing_ok=True)
-    atomic_write(folder / RECIPE_FILE, recipe_toml(recipe).encode(), "recipe")
     new = validate(ModelCard, {
         **card.model_dump(), "name": name or card.name, "architecture": f"python:{builder}", "module": module_cfg,
-        "weights": WeightsSpec(file=WEIGHTS_FILE, sha256=sha), "fisher": fisher_spec, "default_recipe": _plain_recipe(recipe),
+        "weights": WeightsSpec(file=WEIGHTS_FILE, sha256=sha), "fisher": None, "default_recipe": _plain_recipe(recipe),
         "training": {**card.training, "saved_by": "Runtime.save", "builder": builder},
     }, "model card")
-    atomic_write(folder / CARD_FILE, (json.dumps(new.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
+    writable_path(folder / CARD_FILE, "model folder file")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
+        staging.chmod(0o755)  # mkdtemp's 0700 would become the model folder's mode
+    except OSError as e:
+        raise ConfigError(f"cannot write the model folder {folder}: {e.strerror or e}") from None
+    try:
+        atomic_write(staging / WEIGHTS_FILE, data, "weights")
+        if fisher is not None:
+            fdata = weights_bytes(fisher)
+            atomic_write(staging / FISHER_FILE, fdata, "Fisher information")
+            new = new.model_copy(update={"fisher": WeightsSpec(file=FISHER_FILE, sha256=hashlib.sha256(fdata).hexdigest())})
+        if calibrations:  # fitted for these very weights: say so, so load_calibration accepts them
+            save_calibration(staging, {n: dataclasses.replace(c, weights_sha256=sha) for n, c in calibrations.items()})
+        atomic_write(staging / RECIPE_FILE, recipe_toml(recipe).encode(), "recipe")
+        atomic_write(staging / CARD_FILE, (json.dumps(new.model_dump(mode="json"), indent=2) + "\n").encode(), "model card")
+        _swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+_WRITTEN = {WEIGHTS_FILE, FISHER_FILE, CARD_FILE, RECIPE_FILE, CALIBRATION_DIR}
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Make the complete `staging` folder `folder`: readers see the old folder or the new one, never a mix. What
+    an existing folder holds beyond what `save` writes (a pruned variant, notes) moves into the new one."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    extras = [f for f in folder.iterdir() if f.name not in _WRITTEN and not f.name.startswith(".")]
+    for f in extras:
+        os.rename(f, staging / f.name)
+    backup = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+    try:
+        os.rename(folder, backup / folder.name)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            os.rename(backup / folder.name, folder)
+            raise
+    except OSError as e:
+        for f in extras:  # put them back: the old folder stays as it was
+            os.rename(staging / f.name, folder / f.name)
+        raise ConfigError(f"cannot replace the model folder {folder}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _plain_recipe(recipe: AdaptConfig) -> str:
