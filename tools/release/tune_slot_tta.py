@@ -77,12 +77,13 @@ def main() -> None:
     ap.add_argument("--pixel-fraction", type=float, default=0.25)
     ap.add_argument("--params", nargs="*", default=list(PARAMS))
     ap.add_argument("--lrs", nargs="*", type=float, default=list(LRS))
+    ap.add_argument("--train-split", default="flat/in_dist", help="the model's training split (its world's OOD splits follow)")
     ap.add_argument("--id-tolerance", type=float, default=0.02)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     rt = Runtime.from_pretrained(args.model)
-    id_split = rt.card.train_split if hasattr(rt.card, "train_split") else "flat/in_dist"
+    id_split = args.train_split
     splits = (id_split, *world_splits(id_split))
     data = {s: generate_scenes(s, args.n, seed=VAL_SEED, size=rt.input_size) for s in splits}
     rows: dict[str, dict] = {}
