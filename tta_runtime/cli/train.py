@@ -36,6 +36,8 @@ def add_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-weight", type=float, default=1.0)
     p.add_argument("--mask-weight-final", type=float, default=0.1)
     p.add_argument("--attn-weight", type=float, default=0.0, help="matched mask loss on the attention maps too (paper: 0)")
+    p.add_argument("--attn-ce-weight", type=float, default=0.0,
+                   help="per-pixel cross-entropy over the slots on the attention maps (sharper object edges; paper: 0)")
     p.add_argument("--warmup", type=int, default=500, help="linear lr warm-up steps")
     p.add_argument("--lr-final-fraction", type=float, default=0.1, help="cosine decay to lr x this at the end")
     p.add_argument("--init-from", default=None, help="start from a checkpoint or model folder: a fine-tuning stage")
@@ -88,7 +90,8 @@ def _segmenter(args: argparse.Namespace) -> int:
         {
             "name": args.name, "segmenter": seg, "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "seed": args.seed, "pixel_fraction": args.pixel_fraction, "mask_weight": args.mask_weight,
-            "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight, "eval_every": args.eval_every,
+            "mask_weight_final": args.mask_weight_final, "attn_weight": args.attn_weight,
+            "attn_ce_weight": args.attn_ce_weight, "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every, "warmup": args.warmup, "lr_final_fraction": args.lr_final_fraction,
             "val_images": args.val_images, "init_from": args.init_from, "data_start": args.data_start,
             "init_encoder": args.init_encoder,

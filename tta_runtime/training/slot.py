@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from safetensors.torch import save_file
 
@@ -88,6 +89,10 @@ class TrainConfig(SceneDataConfig):
     attn_weight: float = Field(
         0.0, ge=0, description="weight of the same matched BCE on the slot-attention maps (0 = paper)"
     )
+    attn_ce_weight: float = Field(
+        0.0, ge=0, description="weight of a per-pixel cross-entropy over the slots of the attention maps against each "
+        "pixel's matched slot (0 = off): every pixel counts the same, however few of them lie on object edges",
+    )
     pixel_fraction: float = Field(0.25, gt=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = TRAIN_SEED
@@ -113,9 +118,20 @@ def matched_mask_loss(out: SegmenterOutput, instances: torch.Tensor) -> torch.Te
     return matched_bce(out.masks, instances)
 
 
-def matched_attention_loss(out: SegmenterOutput, instances: np.ndarray) -> torch.Tensor:
-    """The matched mask loss on the slot-attention maps (every pixel): `instances` (B, S, S) ids."""
-    return matched_bce(out.attention, torch.from_numpy(instances.reshape(len(instances), -1)))
+def matched_attention_loss(
+    out: SegmenterOutput, instances: np.ndarray, bce_weight: float = 1.0, ce_weight: float = 0.0
+) -> torch.Tensor:
+    """The matched mask loss on the slot-attention maps (every pixel; `instances` (B, S, S) ids): `bce_weight` x
+    the class-balanced BCE + `ce_weight` x the per-pixel cross-entropy over the slots against each pixel's
+    matched slot (the attention is a softmax over the slots, and the masks are its argmax), one matching."""
+    att = out.attention
+    target, labels = hungarian_targets(att, torch.from_numpy(instances.reshape(len(instances), -1)))
+    loss = att.new_zeros(())
+    if bce_weight > 0:
+        loss = loss + bce_weight * balanced_bce(att, target)
+    if ce_weight > 0:
+        loss = loss + ce_weight * F.nll_loss(att.clamp_min(1e-8).log(), labels.to(att.device))
+    return loss
 
 
 def hungarian_targets(masks: torch.Tensor, instances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,10 +229,10 @@ def scene_batch(
 
 
 def slot_loss(
-    out: SegmenterOutput, b: SceneBatch, mask_weight: float, attn_weight: float = 0.0
+    out: SegmenterOutput, b: SceneBatch, mask_weight: float, attn_weight: float = 0.0, attn_ce_weight: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, reconstruction MSE, matched mask BCE): rec + mask_weight x mask (+ attn_weight x mask_weight x
-    the matched BCE on the slot-attention maps, all pixels, when attn_weight > 0). The mask terms see only
+    """(total, reconstruction MSE, matched mask BCE): rec + mask_weight x mask (+ mask_weight x the matched losses
+    on the slot-attention maps, all pixels: attn_weight x BCE + attn_ce_weight x cross-entropy). The mask terms see only
     the batch's labelled rows (`b.labelled`); a batch without one has a mask term of 0."""
     rec = reconstruction_loss(out, b.x, b.pixel_idx)
     if b.labelled is not None and not b.labelled.all():
@@ -227,9 +243,9 @@ def slot_loss(
         b = replace(b, targets=b.targets[rows], instances=b.instances[rows.numpy()], labelled=None)
     mask = matched_mask_loss(out, b.targets)
     loss = rec + mask_weight * mask
-    if attn_weight > 0:
+    if attn_weight > 0 or attn_ce_weight > 0:
         # Supervise the binding itself: the attention maps (all pixels) get the same matched loss.
-        loss = loss + attn_weight * mask_weight * matched_attention_loss(out, b.instances)
+        loss = loss + mask_weight * matched_attention_loss(out, b.instances, attn_weight, attn_ce_weight)
     return loss, rec, mask
 
 
@@ -304,7 +320,9 @@ def train(
 
     def step_fn(step: int) -> StepOutput:
         b = batches(step).to(device)
-        loss, rec, mask = slot_loss(model(b.x, b.pixel_idx), b, _mask_weight_at(cfg, step), cfg.attn_weight)
+        loss, rec, mask = slot_loss(
+            model(b.x, b.pixel_idx), b, _mask_weight_at(cfg, step), cfg.attn_weight, cfg.attn_ce_weight
+        )
         return StepOutput(loss, {"rec": rec.item(), "mask": mask.item()})
 
     schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.lr_final_fraction)
@@ -398,6 +416,10 @@ def write_model_folder(
                 *(
                     [f"the matched mask loss also on the slot-attention maps, weight {cfg.attn_weight} x mask weight"]
                     if cfg.attn_weight > 0 else []
+                ),
+                *(
+                    [f"a per-pixel cross-entropy over the slots on the attention maps, weight {cfg.attn_ce_weight} x mask weight"]
+                    if cfg.attn_ce_weight > 0 else []
                 ),
                 (f"Adam lr {cfg.lr} with {cfg.warmup} warm-up steps, cosine decay to {cfg.lr_final_fraction}x; "
                  f"grad-norm clip {cfg.grad_clip}; batch {cfg.batch}"),
