@@ -67,8 +67,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train_split(rt: Any) -> str:
     """The split a segmenter was trained on, from its card ("in_dist", the shapes world, when not recorded)."""
-    config = (rt.card.training or {}).get("config") or {}
-    return config.get("train_split", "in_dist") if isinstance(config, dict) else "in_dist"
+    from tta_runtime.evaluation.ood import train_split_of
+
+    return train_split_of(rt.card)
 
 
 def _eval_table(report: dict[str, Any]) -> list[str]:
@@ -118,7 +119,8 @@ def _ood_fit(args: argparse.Namespace) -> int:
         from tta_runtime.evaluation.ood import fit_ood
 
         cals = fit_ood(
-            rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256, progress=progress(args)
+            rt.model, n_images=args.n_images, tpr=args.tpr, weights_sha256=rt.card.weights.sha256,
+            progress=progress(args), split=_train_split(rt),
         )
     out = save_calibration(folder, cals)
     for name, cal in cals.items():
@@ -152,7 +154,7 @@ def _ood_eval(args: argparse.Namespace) -> int:
     else:
         from tta_runtime.evaluation.ood import eval_ood
 
-        report = eval_ood(rt.model, cals, n_images=args.n_images, progress=progress(args))
+        report = eval_ood(rt.model, cals, n_images=args.n_images, progress=progress(args), in_dist=_train_split(rt))
         scorers = sorted(next(iter(report["splits"].values())))
         width = max(14, *(len(n) + 2 for n in scorers))
         lines = [f"{'AUROC':22}" + "".join(f"{n:>{width}}" for n in scorers)]

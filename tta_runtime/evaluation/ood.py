@@ -1,11 +1,16 @@
 """OOD calibration and detection on generated scenes, for slot segmenters.
 
-    fit_ood:  in_dist validation scenes 0..n-1 -> fit each scorer; the next scenes -> its threshold
-    eval_ood: in_dist test scenes (negatives) vs each OOD split (positives) -> AUROC, AUPR, FPR@95
+    fit_ood:  training-split validation scenes 0..n-1 -> fit each scorer; the next scenes -> its threshold
+    eval_ood: training-split test scenes (negatives) vs each OOD split of that world (positives)
+              -> AUROC, AUPR, FPR@95
 
-    >>> cals = fit_ood(rt.model, weights_sha256=rt.card.weights.sha256)  # validation scenes, never test
+    >>> split = train_split_of(rt.card)                                  # "in_dist" or "flat/in_dist"
+    >>> cals = fit_ood(rt.model, split=split, weights_sha256=rt.card.weights.sha256)  # validation scenes
     >>> save_calibration(rt.folder, cals)                                # tta_runtime.ood
-    >>> report = eval_ood(rt.model, cals)
+    >>> report = eval_ood(rt.model, cals)                                # the world of the calibration's split
+
+Each model is measured in its own training world (`tta_runtime.data.scenes.world_splits`): the shapes world
+("in_dist", `OOD_SPLITS`) or the flat world ("flat/in_dist", `FLAT_OOD_SPLITS`).
 
 The scorers, calibration files and metrics are the runtime's (`tta_runtime.ood`); this module only adds
 the scene data. Classifiers are calibrated in `tta_runtime.evaluation.ood_classifier`.
@@ -21,23 +26,43 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tta_runtime.data.scenes import OOD_SPLITS, TEST_SEED, VAL_SEED, generate_scenes
+from tta_runtime.data.scenes import TEST_SEED, VAL_SEED, generate_scenes, world_splits
 from tta_runtime.errors import ConfigError
 from tta_runtime.models.segmenter import images_to_tensor
-from tta_runtime.ood import DEFAULT_EMBEDDING, DEFAULT_TPR, FAR_SHIFT_SPLITS, SEGMENTER_SCORERS, Calibration, Embedding
+from tta_runtime.ood import DEFAULT_EMBEDDING, DEFAULT_TPR, SEGMENTER_SCORERS, Calibration, Embedding, far_shift_splits
 from tta_runtime.ood import OODFeatures, aupr, auroc, calibrate, forward_with_features, fpr_at_tpr, make_scorer
 
 if TYPE_CHECKING:
+    from tta_runtime.config import ModelCard
     from tta_runtime.models.segmenter import SlotSegmenter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCORER_EMBEDDINGS", "detection_metrics", "eval_ood", "fit_ood", "scene_features"]
+__all__ = ["SCORER_EMBEDDINGS", "detection_metrics", "eval_ood", "fit_ood", "scene_features", "train_split_of"]
 
 # Scorers that `fit_ood` fits on another embedding than DEFAULT_EMBEDDING: Mahalanobis on the encoder
 # features' mean and standard deviation separates textured backgrounds better than on the mean alone, and
 # no worse on any other split (chosen on validation-seed selection scenes).
 SCORER_EMBEDDINGS: dict[str, Embedding] = {"mahalanobis": "encoder_meanstd"}
+# The training split of each scene world: the in-distribution data of its OOD negatives and calibration.
+TRAIN_SPLITS: tuple[str, ...] = ("in_dist", "flat/in_dist")
+
+
+def train_split_of(card: ModelCard) -> str:
+    """The split a segmenter was trained on, from its card's `training.config.train_split` ("in_dist", the
+    shapes world, when the card does not record one, as older cards do not)."""
+    config = (card.training or {}).get("config") or {}
+    split = config.get("train_split", "in_dist") if isinstance(config, dict) else "in_dist"
+    return _check_train_split(split, f"model {card.name!r}: its card's training.config.train_split")
+
+
+def _check_train_split(split: object, what: str = "split") -> str:
+    if split not in TRAIN_SPLITS:
+        raise ConfigError(
+            f"{what} is {split!r}; expected a scene world's training split: {', '.join(map(repr, TRAIN_SPLITS))} "
+            "(OOD detection is measured against the world the model was trained in)"
+        )
+    return str(split)
 
 
 def _scene_features(
@@ -73,16 +98,20 @@ def fit_ood(
     scorers: Iterable[str] = SEGMENTER_SCORERS, params: Mapping[str, Mapping[str, Any]] | None = None,
     tpr: float = DEFAULT_TPR, embedding: Embedding = DEFAULT_EMBEDDING, batch_size: int = 64,
     weights_sha256: str | None = None, progress: bool = False, embeddings: Mapping[str, Embedding] | None = None,
+    split: str = "in_dist",
 ) -> dict[str, Calibration]:
-    """Fit segmenter scorers on generated in_dist validation scenes and threshold them at `tpr`.
+    """Fit segmenter scorers on generated validation scenes of `split` and threshold them at `tpr`.
 
     Scorers are fitted on scenes 0..n_images-1 of `seed` and thresholded on the next `n_threshold`
     (default n_images), so the threshold comes from images the scorer has not seen (a KNN bank would
     otherwise find each fit image at distance 0). The test seed is refused. Pass the card's
     `weights.sha256` so `load_calibration` can tell when the model has been retrained since.
     `embeddings` names a scorer's embedding where it is not `embedding` (default: `SCORER_EMBEDDINGS` when
-    `embedding` is `DEFAULT_EMBEDDING`, else none). `progress`: one bar over every scene read.
+    `embedding` is `DEFAULT_EMBEDDING`, else none). `progress`: one bar over every scene read. `split`: the
+    model's training split (`train_split_of(card)`: "in_dist" for the shapes world, "flat/in_dist" for the
+    flat one); each calibration records it.
     """
+    _check_train_split(split)
     if seed == TEST_SEED:
         raise ConfigError(f"seed {seed} is the test seed; calibrate on validation scenes (default seed {VAL_SEED})")
     n_threshold = n_images if n_threshold is None else n_threshold
@@ -103,16 +132,17 @@ def fit_ood(
         for kind in kinds:
             bar.set_postfix_str(kind)
             kw: dict[str, Any] = {"batch_size": batch_size, "embedding": kind, "bar": bar}
-            fit_feats[kind] = _scene_features(model, "in_dist", n_images, seed, start=0, **kw)
-            thr_feats[kind] = _scene_features(model, "in_dist", n_threshold, seed, start=n_images, **kw)
+            fit_feats[kind] = _scene_features(model, split, n_images, seed, start=0, **kw)
+            thr_feats[kind] = _scene_features(model, split, n_threshold, seed, start=n_images, **kw)
     out = {}
     for s in built:
         kind = kind_of[s.name]
         s.fit(fit_feats[kind])
         out[s.name] = calibrate(
-            s, thr_feats[kind], tpr=tpr, n_images=n_images, seed=seed, embedding=kind, weights_sha256=weights_sha256
+            s, thr_feats[kind], tpr=tpr, n_images=n_images, split=split, seed=seed, embedding=kind,
+            weights_sha256=weights_sha256,
         )
-        log.info("OOD scorer %s fitted on %d in_dist scenes; threshold %.4g", s.name, n_images, out[s.name].threshold)
+        log.info("OOD scorer %s fitted on %d %s scenes; threshold %.4g", s.name, n_images, split, out[s.name].threshold)
     return out
 
 
@@ -127,11 +157,12 @@ def detection_metrics(in_scores: np.ndarray, ood_scores: np.ndarray, calibration
     }
 
 
-def _far_shift(report: dict[str, Any], names: Iterable[str]) -> dict[str, Any] | None:
-    """The far-shift summary of an `eval_ood` report: each scorer's AUROC on the far shifts and its minimum,
-    the best scorer overall, and the best of each shift family on its own (a runtime picks one scorer; a
-    user who knows the shift they face may pick another). None when no far shift was evaluated."""
-    far = [s for s in FAR_SHIFT_SPLITS if s in report["splits"]]
+def _far_shift(report: dict[str, Any], names: Iterable[str], in_dist: str = "in_dist") -> dict[str, Any] | None:
+    """The far-shift summary of an `eval_ood` report: each scorer's AUROC on the far shifts of the world of
+    `in_dist` (`tta_runtime.ood.far_shift_splits`) and its minimum, the best scorer overall, and the best of
+    each shift family on its own (a runtime picks one scorer; a user who knows the shift they face may pick
+    another). None when no far shift was evaluated."""
+    far = [s for s in far_shift_splits(in_dist) if s in report["splits"]]
     if not far:
         return None
     names = list(names)
@@ -151,19 +182,46 @@ def _far_shift(report: dict[str, Any], names: Iterable[str]) -> dict[str, Any] |
     }
 
 
+def _calibrated_split(calibrations: Mapping[str, Calibration], in_dist: str | None) -> str:
+    """The in-distribution split of an evaluation: `in_dist`, else the one the calibrations were fitted on;
+    a ConfigError when calibrations and split disagree (the thresholds would belong to another world)."""
+    fitted = sorted({c.split for c in calibrations.values()})
+    if in_dist is None:
+        if len(fitted) > 1:
+            raise ConfigError(
+                f"the calibrations were fitted on different splits ({', '.join(fitted)}); pass in_dist= or refit "
+                "them together (`tta-runtime ood fit`)"
+            )
+        in_dist = fitted[0] if fitted else "in_dist"
+    in_dist = _check_train_split(in_dist, "in_dist")
+    stale = [n for n, c in calibrations.items() if c.split != in_dist]
+    if stale:
+        raise ConfigError(
+            f"calibration(s) {', '.join(stale)} were fitted on {calibrations[stale[0]].split!r} scenes, not on the "
+            f"model's training split {in_dist!r}; refit them with `tta-runtime ood fit --model MODEL`"
+        )
+    return in_dist
+
+
 def eval_ood(
-    model: SlotSegmenter, calibrations: Mapping[str, Calibration], *, splits: Sequence[str] = OOD_SPLITS,
+    model: SlotSegmenter, calibrations: Mapping[str, Calibration], *, splits: Sequence[str] | None = None,
     n_images: int = 256, seed: int | None = None, batch_size: int = 64, progress: bool = False,
+    in_dist: str | None = None,
 ) -> dict[str, Any]:
-    """Detection metrics on test scenes: in_dist as negatives, each OOD split as positives.
+    """Detection metrics on test scenes: the training split as negatives, each OOD split as positives.
 
     Returns {"seed", "n_images", "in_dist": {scorer: {"flagged"}}, "splits": {split: {scorer: {"auroc",
     "aupr", "fpr95", "flagged"}}}, "far_shift": {...}}; `flagged` is the fraction over the calibrated
-    threshold. `seed` defaults to the test seed (`tta_runtime.data.scenes.TEST_SEED`). `progress`: one bar
-    over every scene read, the split in its postfix.
+    threshold. `in_dist`: the model's training split (default: the split the calibrations were fitted on;
+    they must all have been fitted on it); `splits` default to its world's named OOD splits
+    (`tta_runtime.data.scenes.world_splits`) and the far-shift summary uses its world's pair. A flat-world
+    report also names its in-distribution split ("in_dist_split"). `seed` defaults to the test seed
+    (`tta_runtime.data.scenes.TEST_SEED`). `progress`: one bar over every scene read, the split in its postfix.
     """
+    in_dist = _calibrated_split(calibrations, in_dist)
+    splits = world_splits(in_dist) if splits is None else splits
     seed = TEST_SEED if seed is None else seed
-    if any(c.seed == seed and c.split == "in_dist" for c in calibrations.values()):
+    if any(c.seed == seed and c.split == in_dist for c in calibrations.values()):
         log.warning("eval_ood: seed %d is the seed the calibration was fitted on", seed)
     kinds = sorted({c.embedding for c in calibrations.values()})
 
@@ -177,16 +235,17 @@ def eval_ood(
             }
             return {name: c.score(f[c.embedding]) for name, c in calibrations.items()}
 
-        base = scores("in_dist")
+        base = scores(in_dist)
         report: dict[str, Any] = {
             "seed": seed, "n_images": n_images, "sign": "higher = more out of distribution",
+            **({} if in_dist == "in_dist" else {"in_dist_split": in_dist}),  # shapes-world reports keep their layout
             "in_dist": {n: {"flagged": round(float(np.mean(calibrations[n].is_ood(s))), 6)} for n, s in base.items()},
             "splits": {},
         }
         for split in splits:
             shifted = scores(split)
             report["splits"][split] = {n: detection_metrics(base[n], shifted[n], c) for n, c in calibrations.items()}
-    far_shift = _far_shift(report, calibrations)
+    far_shift = _far_shift(report, calibrations, in_dist)
     if far_shift is not None:
         report["far_shift"] = far_shift
     return report

@@ -19,8 +19,25 @@ from tta_runtime.ood.features import Array, as_float64
 
 DEFAULT_TPR = 0.95
 # The far shifts of the generated test scenes that the OOD acceptance criterion names (best scorer's
-# AUROC >= 0.95 on both).
+# AUROC >= 0.95 on both): a background unlike any trained on, and a shape family never trained on. This is
+# the shapes world's pair; `far_shift_splits` gives each world's, by its training split.
 FAR_SHIFT_SPLITS: tuple[str, ...] = ("textured_background", "unseen_shapes")
+FLAT_FAR_SHIFT_SPLITS: tuple[str, ...] = ("flat/photo_background", "flat/unseen_shapes")
+FAR_SHIFT_SPLITS_BY_WORLD: dict[str, tuple[str, ...]] = {
+    "in_dist": FAR_SHIFT_SPLITS, "flat/in_dist": FLAT_FAR_SHIFT_SPLITS,
+}
+
+
+def far_shift_splits(train_split: str = "in_dist") -> tuple[str, ...]:
+    """The far-shift pair of the world whose training split is `train_split` ("in_dist": the shapes world,
+    "flat/in_dist": the flat world)."""
+    try:
+        return FAR_SHIFT_SPLITS_BY_WORLD[train_split]
+    except (KeyError, TypeError):
+        known = ", ".join(repr(k) for k in FAR_SHIFT_SPLITS_BY_WORLD)
+        raise ConfigError(
+            f"no far-shift splits for training split {train_split!r}; expected a world's training split: {known}"
+        ) from None
 
 
 def _two_sets(in_scores: Array, ood_scores: Array) -> tuple[np.ndarray, np.ndarray]:
