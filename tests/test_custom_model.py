@@ -97,7 +97,7 @@ def test_from_module_wraps_a_copy_and_calibrates(trained, calibrated, digits) ->
     assert rt.card.architecture == "module" and rt.card.module.num_classes == 10 and rt.card.module.feature_dim == 64
     assert type(trained[1]) is nn.BatchNorm2d  # the caller's module is untouched: the runtime swapped its own copy
     assert type(rt.model.net[1]).__name__ == "AdaptiveBatchNorm2d"
-    assert report.default == rt.calibration.scorer == "mahalanobis" and report.labels.startswith("pseudo")
+    assert report.default == rt.calibration.scorer == "stem_mahalanobis" and report.labels.startswith("pseudo")
     assert report.n_fit + report.n_threshold == len(digits["x"]) and report.fisher is not None
     assert set(report.fisher) == {"net.1.weight", "net.1.bias", "net.5.weight", "net.5.bias", "net.9.weight", "net.9.bias"}
     assert _error(rt.predict(digits["xt"]), digits["yt"]) < 0.1
@@ -181,7 +181,7 @@ def test_cli_calibrate_and_export_a_python_folder(saved, digits, tmp_path) -> No
     out = tmp_path / "cal.json"
     assert _cli(["calibrate", "--model", str(saved), "--images", str(images), "--trust-code", "-q", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["images"] == 200 and report["default"] == "mahalanobis" and report["n_threshold"] == 40
+    assert report["images"] == 200 and report["default"] == "stem_mahalanobis" and report["n_threshold"] == 40
     assert (saved / "ood" / "calibration.json").read_text() != before
     rt = tta_runtime.Runtime.from_pretrained(saved, trust_code=True)
     assert rt.calibration.n_images == 160  # the folder now holds the calibration just fitted
@@ -227,7 +227,7 @@ def test_loading_without_trust_code_runs_none_of_the_folders_code(saved, tmp_pat
 @pytest.mark.parametrize("model", ["digits-cnn-bn", "digits-cnn-gn"])
 def test_shipped_digits_models_flag_photos_not_clean_digits(model, digits) -> None:
     rt = tta_runtime.Runtime.from_pretrained(model)
-    assert rt.calibration.scorer == "mahalanobis"
+    assert rt.calibration.scorer == "stem_mahalanobis"
     assert np.mean([r.is_ood for r in rt.predict(natural_photos())]) >= 0.9
     assert np.mean([r.is_ood for r in rt.predict(digits["xt"])]) <= 0.05
 

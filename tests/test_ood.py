@@ -60,13 +60,16 @@ def fx() -> dict[str, np.ndarray]:
         "recon_fit": rng.gamma(2.0, 0.01, N_FIT), "recon_test": rng.gamma(2.0, 0.02, N_TEST),
         "ent_fit": rng.uniform(0.2, 1.0, N_FIT), "ent_test": rng.uniform(0.0, 2.0, N_TEST),
         "dis_fit": rng.gamma(2.0, 0.05, N_FIT), "dis_test": rng.gamma(2.0, 0.1, N_TEST),
+        # first-convolution statistics: correlated channel means and spreads, shifted for half the test inputs
+        "stem_fit": rng.normal(size=(N_FIT, 6)) @ rng.normal(size=(6, 6)),
+        "stem_test": rng.normal(size=(N_TEST, 6)) @ rng.normal(size=(6, 6)) + np.repeat([[0.0], [3.0]], N_TEST // 2, axis=0),
     }
 
 
 def _feats(fx: dict[str, np.ndarray], part: str) -> OODFeatures:
     return OODFeatures(
         recon_mse=fx[f"recon_{part}"], mask_entropy=fx[f"ent_{part}"], embedding=fx[f"emb_{part}"],
-        logits=fx[f"logits_{part}"], mask_disagreement=fx[f"dis_{part}"],
+        logits=fx[f"logits_{part}"], mask_disagreement=fx[f"dis_{part}"], stem=fx[f"stem_{part}"],
     )
 
 
@@ -113,6 +116,20 @@ def test_mahalanobis_class_agnostic_matches_reference(fit_feats: OODFeatures, te
     cov = np.cov(fx["emb_fit"], rowvar=False, bias=True)
     ref = _ref_squared_mahalanobis(fx["emb_test"], fx["emb_fit"].mean(0), cov)
     np.testing.assert_allclose(_fitted("mahalanobis", fit_feats, fx).score(test_feats), ref, rtol=TOL, atol=TOL)
+
+
+def test_stem_mahalanobis_is_one_gaussian_on_the_stem_statistics(fit_feats: OODFeatures, test_feats: OODFeatures, fx: dict) -> None:
+    """Class labels are ignored: the first convolution's statistics describe the image, not its class. Each
+    statistic is standardised and the correlation matrix gets the ridge (1e-2) on its diagonal."""
+    fit, test = fx["stem_fit"], fx["stem_test"]
+    corr = np.corrcoef(fit, rowvar=False)
+    ref = _ref_squared_mahalanobis(test / fit.std(0), fit.mean(0) / fit.std(0), corr + 1e-2 * np.eye(len(corr)))
+    scorer = ood.make_scorer("stem_mahalanobis")
+    assert scorer.params() == {"ridge": 1e-2}
+    scorer.fit(fit_feats, fx["labels"])
+    np.testing.assert_allclose(scorer.score(test_feats), ref, rtol=TOL, atol=TOL)
+    with pytest.raises(ConfigError, match="stem"):
+        scorer.score(OODFeatures(embedding=fx["emb_test"], logits=fx["logits_test"]))
 
 
 def _tied_covariance(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -206,7 +223,7 @@ def test_sign_is_higher_is_more_ood(fit_feats: OODFeatures, fx: dict) -> None:
     """Far-away embeddings and flat logits score higher than in-distribution ones, for every scorer."""
     far = OODFeatures(
         recon_mse=np.full(4, 1.0), mask_entropy=np.full(4, 5.0), embedding=fx["emb_fit"][:4] * 0 + 50.0 * np.eye(D)[:4],
-        logits=np.zeros((4, C)), mask_disagreement=np.full(4, 3.0),
+        logits=np.zeros((4, C)), mask_disagreement=np.full(4, 3.0), stem=fx["stem_fit"][:4] * 0 + 50.0 * np.eye(6)[:4],
     )
     near = _feats(fx, "fit")
     for name in ood.SCORERS.names():
@@ -537,9 +554,10 @@ class _ScoreGraph(torch.nn.Module):
         self.scorer = scorer
 
     def forward(
-        self, recon: torch.Tensor, entropy: torch.Tensor, emb: torch.Tensor, logits: torch.Tensor, disagreement: torch.Tensor
+        self, recon: torch.Tensor, entropy: torch.Tensor, emb: torch.Tensor, logits: torch.Tensor, disagreement: torch.Tensor,
+        stem: torch.Tensor,
     ) -> torch.Tensor:
-        return self.scorer.torch_score(OODFeatures(recon, entropy, emb, logits, disagreement))
+        return self.scorer.torch_score(OODFeatures(recon, entropy, emb, logits, disagreement, stem))
 
 
 def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeatures, fx: dict) -> None:
@@ -549,8 +567,8 @@ def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeat
     import warnings
 
     t = test_feats.torch()
-    args = (t.recon_mse, t.mask_entropy, t.embedding, t.logits, t.mask_disagreement)
-    names = ["recon", "entropy", "emb", "logits", "disagreement"]
+    args = (t.recon_mse, t.mask_entropy, t.embedding, t.logits, t.mask_disagreement, t.stem)
+    names = ["recon", "entropy", "emb", "logits", "disagreement", "stem"]
     small = test_feats.numpy()
     for name in ood.SCORERS.names():
         scorer = _fitted(name, fit_feats, fx)
@@ -563,7 +581,7 @@ def test_torch_scores_export_to_onnx(fit_feats: OODFeatures, test_feats: OODFeat
             )
         sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
         feeds = {"recon": small.recon_mse[:7], "entropy": small.mask_entropy[:7], "emb": small.embedding[:7], "logits": small.logits[:7],
-                 "disagreement": small.mask_disagreement[:7]}
+                 "disagreement": small.mask_disagreement[:7], "stem": small.stem[:7]}
         wanted = {i.name for i in sess.get_inputs()}  # unused inputs are dropped from the graph
         got = sess.run(None, {k: v.astype(np.float32) for k, v in feeds.items() if k in wanted})[0]
         np.testing.assert_allclose(got, scorer.score(test_feats)[:7], rtol=1e-4, atol=1e-4, err_msg=name)

@@ -367,6 +367,7 @@ def _with_arrays(folder: pathlib.Path, **arrays: np.ndarray) -> None:
     ({"mahalanobis__precision": np.eye(D)[:, :5]}, "precision"),
     ({"mahalanobis__means": np.zeros((C, D - 1))}, "means"),
     ({"vim__residual_basis": np.zeros((D, 0))}, "residual_basis"),
+    ({"stem_mahalanobis__inv_scales": np.ones(5)}, "inv_scales"),
     ({"knn__bank": np.full((100, D), np.nan)}, "NaN"),
     ({"rmd__precision0": np.full((D, D), np.inf)}, "NaN or infinite"),
 ])
@@ -621,9 +622,10 @@ def test_fuzz_recipe(tmp_path_factory: pytest.TempPathFactory, content: bytes) -
 def _score_all(cals: dict) -> None:  # type: ignore[type-arg]
     """A calibration that loads must score a batch of the model's features (no error of any kind)."""
     rng = np.random.default_rng(0)
-    feats = OODFeatures(embedding=rng.normal(size=(3, D)), logits=rng.normal(size=(3, C)))
     with np.errstate(all="ignore"):
         for cal in cals.values():
+            stem = rng.normal(size=(3, len(cal.state["inv_scales"]))) if "inv_scales" in cal.state else None
+            feats = OODFeatures(embedding=rng.normal(size=(3, D)), logits=rng.normal(size=(3, C)), stem=stem)
             assert cal.score(feats).shape == (3,)
             assert math.isfinite(cal.threshold)
 

@@ -26,6 +26,7 @@ from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.frozen import FeaturePass
 from tta_runtime.models.classifier import norm_parameters, set_norm_mode
 from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_CLASSIFIER_SCORER, DEFAULT_SCORER, Calibration, OODFeatures
+from tta_runtime.ood.scorers import FALLBACK_CLASSIFIER_SCORER, STEM_SCORER
 from tta_runtime.ood import load_calibration
 from tta_runtime.ood.fit import fit_calibrations, holdout_split
 from tta_runtime.prune import PRUNE_DIR
@@ -81,7 +82,7 @@ def calibrate_classifier(
     """Fit the classifier's OOD scorers (and Fisher) on `items` (images in any form `prepare` takes).
 
     `prepare(chunk)` -> (B, 3, S, S) in [0, 1] (the runtime's preprocessing); `default`: the scorer `is_ood`
-    reports (must be among `scorers`). The model must hold its loaded weights (the runtime checks)."""
+    reports (must be among `scorers`; None: the classifier default, or its fallback for a model without a convolution). The model must hold its loaded weights (the runtime checks)."""
     if card.task != "classification":
         raise ConfigError("calibrate() fits classifier scorers; a slot segmenter is calibrated with `tta-runtime ood fit`")
     if progress is not None and not callable(progress):
@@ -94,7 +95,7 @@ def calibrate_classifier(
     given = _labels(labels, n, num_classes) if num_classes else _labels(labels, n, 1 << 30)
     fit_idx, hold_idx = holdout_split(n, holdout, seed)
     names = list(scorers or CLASSIFIER_SCORERS)
-    if default not in names:
+    if default is not None and default not in names:
         raise ConfigError(f"the default scorer {default!r} must be among the fitted scorers {names}")
     n_fisher = min(len(fit_idx), MAX_FISHER_IMAGES) if fisher else 0
     total = n + n_fisher
@@ -102,18 +103,27 @@ def calibrate_classifier(
     parts = []
     with torch.inference_mode():
         for start in range(0, n, CHUNK):
-            _, feats = FeaturePass(model, "classification", "encoder")(prepare(items[start : start + CHUNK]).to(device))
+            _, feats = FeaturePass(model, "classification", "encoder", stem=True)(prepare(items[start : start + CHUNK]).to(device))
             parts.append(feats.numpy())
             if progress is not None:
                 progress(min(start + CHUNK, n), total, "features")
     feats = OODFeatures.concat(parts)
     if not (np.isfinite(feats.logits).all() and np.isfinite(feats.embedding).all()):
         raise ConfigError("the model gives non-finite logits or features on these images; calibration needs finite ones")
+    if feats.stem is None:  # no convolution: the scorer that reads the first one's statistics cannot run
+        if scorers is not None and STEM_SCORER in scorers or default == STEM_SCORER:
+            raise ConfigError(f"OOD scorer {STEM_SCORER!r} reads the model's first nn.Conv2d, and this model has none: "
+                              f"choose others of {list(CLASSIFIER_SCORERS)}")
+        names = [n for n in names if n != STEM_SCORER]
+    default = default or (DEFAULT_CLASSIFIER_SCORER if DEFAULT_CLASSIFIER_SCORER in names else FALLBACK_CLASSIFIER_SCORER)
+    if default not in names:
+        raise ConfigError(f"the default scorer {default!r} must be among the fitted scorers {names}")
     y = given if given is not None else feats.logits.argmax(axis=1)
     source = "given" if given is not None else "pseudo (the model's predictions)"
 
     def subset(idx: np.ndarray) -> OODFeatures:
-        return OODFeatures(logits=feats.logits[idx], embedding=feats.embedding[idx])
+        return OODFeatures(logits=feats.logits[idx], embedding=feats.embedding[idx],
+                           stem=None if feats.stem is None else feats.stem[idx])
 
     cals = fit_calibrations(
         subset(fit_idx), subset(hold_idx), labels=y[fit_idx], scorers=names, tpr=tpr, seed=seed, embedding="encoder",
@@ -154,8 +164,8 @@ def folder_calibrations(folder: Path | None, options: RuntimeOptions, task: str)
             load_calibration(folder or Path("."))  # raises, saying how to fit one
         return {}, None
     cals = load_calibration(folder)
-    default = DEFAULT_CLASSIFIER_SCORER if task == "classification" else DEFAULT_SCORER
-    name = options.ood_scorer or (default if default in cals else sorted(cals)[0])
+    defaults = (DEFAULT_CLASSIFIER_SCORER, FALLBACK_CLASSIFIER_SCORER) if task == "classification" else (DEFAULT_SCORER,)
+    name = options.ood_scorer or next((d for d in defaults if d in cals), sorted(cals)[0])
     if name not in cals:
         raise ConfigError(unknown_name_message("calibrated OOD scorer", name, list(cals)))
     return cals, cals[name]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from tta_runtime.config import ModelCard
-from tta_runtime.errors import ModelLoadError
-from tta_runtime.ood import Calibration, OODFeatures, features_from_output
+from tta_runtime.errors import ConfigError, ModelLoadError
+from tta_runtime.ood import SCORERS, Calibration, OODFeatures, features_from_output
+from tta_runtime.ood.features import stem_statistics
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +37,71 @@ NO_SCORE = OODScore(float("nan"), "off", None, float("nan"))
 """The score of an input when the runtime computes none (`score_ood=False`)."""
 
 
+def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:
+    """The classifier's first `nn.Conv2d` in module order (the one whose output `OODFeatures.stem` describes)."""
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+
+
+class _StemReached(Exception):
+    """Raised by the stem hook to stop a forward pass once the first convolution has run (`stem_only`)."""
+
+
 class FeaturePass(torch.nn.Module):
     """One frozen forward pass: (output, OOD features). A module so that `torch.func.functional_call` can
-    also run it with other weights than the model's own (the loaded ones, after continual adaptation)."""
+    also run it with other weights than the model's own (the loaded ones, after continual adaptation).
 
-    def __init__(self, model: torch.nn.Module, task: str, embedding: str) -> None:
+    Classifiers: `stem=True` adds `OODFeatures.stem` (a hook on `first_conv`); `stem_only=True` stops the pass
+    right after that convolution and returns (None, features with `stem` alone), all that `stem_mahalanobis`
+    needs, at the cost of one convolution."""
+
+    def __init__(self, model: torch.nn.Module, task: str, embedding: str, *, stem: bool = False, stem_only: bool = False) -> None:
         super().__init__()
         self.model, self.task, self.embedding = model, task, embedding
+        self.stem, self.stem_only = stem or stem_only, stem_only
 
     def forward(self, x: torch.Tensor) -> tuple[Any, OODFeatures]:
         if self.task == "classification":
-            out = self.model(x)
-            return out, OODFeatures(logits=out.logits, embedding=out.features)
+            conv = first_conv(self.model) if self.stem else None
+            if conv is None:
+                if self.stem_only:
+                    raise ConfigError("stem_mahalanobis needs a model with an nn.Conv2d (its first convolution's statistics)")
+                out = self.model(x)
+                return out, OODFeatures(logits=out.logits, embedding=out.features)
+            captured: list[torch.Tensor] = []
+
+            def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+                if not captured:
+                    captured.append(stem_statistics(output))
+                    if self.stem_only:
+                        raise _StemReached
+
+            handle = conv.register_forward_hook(hook)
+            try:
+                out = self.model(x)
+            except _StemReached:
+                return None, OODFeatures(stem=captured[0])
+            finally:
+                handle.remove()
+            return out, OODFeatures(logits=out.logits, embedding=out.features, stem=captured[0] if captured else None)
         encoded = self.model.encode(x)
         out = self.model.forward_features(encoded)
         return out, features_from_output(self.model, x, out, encoded=encoded, embedding=self.embedding)  # type: ignore[arg-type]
 
 
 def features_with(
-    model: torch.nn.Module, task: str, embedding: str, x: torch.Tensor, state: dict[str, torch.Tensor]
+    model: torch.nn.Module, task: str, embedding: str, x: torch.Tensor, state: dict[str, torch.Tensor], **kinds: bool
 ) -> OODFeatures:
-    """The OOD features of a forward pass of `model` with the weights `state` (the model's own stay)."""
+    """The OOD features of a forward pass of `model` with the weights `state` (the model's own stay); `kinds`:
+    `FeaturePass`'s stem options."""
     with torch.inference_mode():
         return torch.func.functional_call(
-            FeaturePass(model, task, embedding), {f"model.{k}": v for k, v in state.items()}, (x,), strict=True
+            FeaturePass(model, task, embedding, **kinds), {f"model.{k}": v for k, v in state.items()}, (x,), strict=True
         )[1]
+
+
+def needs_stem(calibration: Calibration | None) -> bool:
+    """Whether `calibration`'s scorer reads `OODFeatures.stem`."""
+    return calibration is not None and "stem" in SCORERS.get(calibration.scorer).requires
 
 
 def ood_scores(feats: OODFeatures, calibration: Calibration | None, card: ModelCard) -> list[OODScore]:

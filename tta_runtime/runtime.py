@@ -34,9 +34,9 @@ from tta_runtime.custom import check_trust, folder_model, folder_recipe
 from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
-from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, ood_scores, warn_far_ood
+from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, needs_stem, ood_scores, warn_far_ood
 from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
-from tta_runtime.ood import DEFAULT_CLASSIFIER_SCORER, load_calibration
+from tta_runtime.ood import load_calibration
 from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, pruning_info, segmenter_results
 from tta_runtime.result import Result
 from tta_runtime.threads import ThreadPolicy
@@ -185,7 +185,7 @@ class Runtime:
             items, _ = self._items(images)
             report = calibrate_classifier(
                 self.model, self.card, lambda chunk: torch.cat([p.tensor for p in self._prepare(list(chunk), channel_order)]),
-                items, labels, device=self.device, default=self.options.ood_scorer or DEFAULT_CLASSIFIER_SCORER, tpr=tpr,
+                items, labels, device=self.device, default=self.options.ood_scorer, tpr=tpr,
                 holdout=holdout, scorers=scorers, fisher=fisher, progress=progress,
             )
             self._calibrations, self.calibration = report.calibrations, report.calibrations[report.default]
@@ -299,8 +299,8 @@ class Runtime:
         t1 = time.perf_counter()
         if recipe is not None and gate == "always" and not self.options.score_ood:  # nothing needs the frozen pass
             out, scores, self._last_pruning = None, [NO_SCORE] * n, [None] * n
-        else:
-            out, scores = self._frozen_path(x)
+        else:  # every input adapts and the scorer reads the first convolution: that convolution is all the pass runs
+            out, scores = self._frozen_path(x, stem_only=recipe is not None and gate == "always" and needs_stem(self.calibration))
         t_fwd = time.perf_counter() - t1
         pruning = self._last_pruning
         reasons = [self._skip_reason(gate, sc) for sc in scores]
@@ -447,18 +447,17 @@ class Runtime:
             load_calibration(self.folder)  # raises, saying how to fit one
         return gate
 
-    def _frozen_path(self, x: torch.Tensor) -> tuple[Any, list[OODScore]]:
-        """Forward pass without gradients, and each input's `OODScore`.
-
-        The output comes from the current weights. The scores describe the input, not the adaptation
-        history: once continual adaptation has moved the weights, they come from a second pass with the
-        loaded weights (the ones the calibration was fitted for), so the same input always scores the same."""
+    def _frozen_path(self, x: torch.Tensor, stem_only: bool = False) -> tuple[Any, list[OODScore]]:
+        """Forward pass without gradients (the current weights; none with `stem_only`), and each input's `OODScore`:
+        the scores describe the input, so once continual adaptation has moved the weights they come from a pass
+        with the loaded ones (which the calibration was fitted for) and the same input always scores the same."""
         if not self.options.score_ood and self._ort is None:
             with torch.inference_mode():
                 out = self.model(x)
             self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
             return out, [NO_SCORE] * x.shape[0]
         embedding = self.calibration.embedding if self.calibration else "encoder"
+        kinds = {"stem": needs_stem(self.calibration), "stem_only": stem_only and self._ort is None}
         if self._ort is not None:
             out, oods = self._ort(x)
             self._last_pruning = [None] * x.shape[0]
@@ -467,11 +466,13 @@ class Runtime:
             if not self._weights_moved:
                 return out, warn_far_ood([OODScore(*o) for o in oods], self.card)
         else:
-            with torch.inference_mode():
-                out, feats = FeaturePass(self.model, self.task, embedding)(x)
+            if not (stem_only and self._weights_moved):  # (then only the loaded weights' pass below runs)
+                with torch.inference_mode():
+                    out, feats = FeaturePass(self.model, self.task, embedding, **kinds)(x)
             self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
         if self._weights_moved:
-            feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state)
+            feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state, **kinds)
+            out = None if kinds["stem_only"] else out
         return out, warn_far_ood(ood_scores(feats, self.calibration, self.card), self.card)
 
     def _items(self, image: Any) -> tuple[list[Any], bool]:

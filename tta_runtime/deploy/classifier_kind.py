@@ -23,6 +23,7 @@ from tta_runtime.config import ModelCard
 from tta_runtime.deploy.kinds import EXPORTERS, ExportKind
 from tta_runtime.deploy.options import ExportOptions, TensorSpec
 from tta_runtime.errors import ConfigError
+from tta_runtime.frozen import FeaturePass, needs_stem
 from tta_runtime.ood import OODFeatures
 
 if TYPE_CHECKING:
@@ -51,12 +52,14 @@ class ClassifierGraph(nn.Module):
         self.calibration = calibration
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(image)
+        stem = self.part == "predictor_ood" and needs_stem(self.calibration)
+        out, feats = FeaturePass(self.model, "classification", "encoder", stem=stem)(image)
         logits = out.logits
         probs = logits.float().softmax(dim=1).to(logits.dtype)
         if self.part != "predictor_ood":
             return logits, probs
-        feats = OODFeatures(logits=logits.float(), embedding=out.features.float())  # float32 even in a half graph
+        # float32 even in a half graph
+        feats = OODFeatures(logits=logits.float(), embedding=out.features.float(), stem=feats.stem.float() if stem else None)
         score = self.calibration.torch_score(feats) if self.calibration is not None else -torch.logsumexp(feats.logits, dim=1)
         return logits, probs, score.float()
 

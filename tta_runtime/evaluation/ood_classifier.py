@@ -6,8 +6,9 @@ not see). Evaluation: the clean TEST split as negatives, each corruption of the 
 fixed corruption seed) as positives; AUROC / AUPR / FPR@95 per corruption, then the mean per family
 (noise, blur, weather, digital) and severity.
 
-Only generic classifier signals are used (`OODFeatures.logits`, `.embedding` = the pooled features), so
-the same code calibrates any `task = "classification"` model given images and labels.
+Only generic classifier signals are used (`OODFeatures.logits`, `.embedding` = the pooled features, `.stem` =
+the first convolution's channel statistics), so the same code calibrates any `task = "classification"` model
+given images and labels.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tta_runtime.data.digits import CORRUPTIONS, corrupt, load_digits
 from tta_runtime.evaluation.ood import detection_metrics
+from tta_runtime.frozen import FeaturePass
 from tta_runtime.models.classifier import set_norm_mode
 from tta_runtime.ood import CLASSIFIER_SCORERS, DEFAULT_TPR, Calibration, OODFeatures
 from tta_runtime.ood.fit import fit_calibrations
@@ -32,14 +34,14 @@ __all__ = ["classifier_features", "eval_ood_classifier", "fit_ood_classifier"]
 
 
 def classifier_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> OODFeatures:
-    """Logits and pooled features (numpy float64) of uint8 images (N, S, S, 3), source BatchNorm statistics."""
+    """Logits, pooled features and first-convolution statistics (numpy float64) of uint8 images (N, S, S, 3),
+    source BatchNorm statistics."""
     set_norm_mode(model, "source")
     parts = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 255.0
-            out = model(x.to(next(model.parameters()).device))
-            parts.append(OODFeatures(logits=out.logits, embedding=out.features).numpy())
+            parts.append(FeaturePass(model, "classification", "encoder", stem=True)(x.to(next(model.parameters()).device))[1].numpy())
     return OODFeatures.concat(parts)
 
 

@@ -47,13 +47,13 @@ def natural_photos() -> list[np.ndarray]:
 
 
 def _features(rt: Any, images: Sequence[np.ndarray]) -> OODFeatures:
-    """Logits and embeddings of `images` through the runtime's preprocessing and frozen pass (source statistics)."""
+    """Logits, embeddings and first-convolution statistics of `images` through the runtime's preprocessing and frozen pass (source statistics)."""
     set_norm_mode(rt.model, "source")
     parts = []
     with torch.inference_mode():
         for i in range(0, len(images), 64):
             x = torch.cat([prepare_image(im, preprocessing=rt.card.preprocessing).tensor for im in images[i : i + 64]])
-            parts.append(FeaturePass(rt.model, "classification", "encoder")(x.to(rt.device))[1].numpy())
+            parts.append(FeaturePass(rt.model, "classification", "encoder", stem=True)(x.to(rt.device))[1].numpy())
     return OODFeatures.concat(parts)
 
 

@@ -172,12 +172,14 @@ def _read_files(folder: Path) -> tuple[_CalibrationFile, dict[str, np.ndarray]]:
 
 
 # The state arrays' shapes by scorer, in symbols: D = the embedding width (the same in every array of a
-# scorer, and the model's when its card is known), C classes, N bank entries, R residual dimensions.
+# scorer, and the model's when its card is known), C classes, N bank entries, R residual dimensions, S the
+# first convolution's statistics (the same in every array of the scorer).
 _SHAPES: dict[str, dict[str, tuple[str | int, ...]]] = {
     "knn": {"bank": ("N", "D")},
     "mahalanobis": {"means": ("C", "D"), "precision": ("D", "D")},
     "rmd": {"means": ("C", "D"), "precision": ("D", "D"), "mean0": (1, "D"), "precision0": ("D", "D")},
     "vim": {"origin": ("D",), "residual_basis": ("D", "R")},
+    "stem_mahalanobis": {"means": (1, "S"), "inv_scales": ("S",), "precision": ("S", "S")},  # S: 2 x first-conv channels
 }
 _POSITIVE = {"std"}  # scalars that divide: z-scored scorers' std
 

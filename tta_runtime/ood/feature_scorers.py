@@ -1,7 +1,8 @@
 """Feature-space OOD scorers: distances of an input's embedding to the in-distribution ones.
 
 KNN on L2-normalised features (Sun et al. 2022) -> +distance to the k-th neighbour; Mahalanobis with a
-shared covariance (Lee et al. 2018) -> +squared distance; relative Mahalanobis (Ren et al. 2021); ViM
+shared covariance (Lee et al. 2018) -> +squared distance, also on the first convolution's channel statistics
+(`stem_mahalanobis`); relative Mahalanobis (Ren et al. 2021); ViM
 (Wang et al. 2022) -> alpha*||residual|| - logsumexp(logits). Higher = more out of distribution, as for
 every scorer. Fitting is numpy float64; scoring is written once in `tta_runtime.ood.ops` primitives.
 """
@@ -113,6 +114,46 @@ class RelativeMahalanobisScorer(MahalanobisScorer):
     def _score(self, features: OODFeatures) -> Array:
         x = features.embedding
         return super()._score(features) - sq_mahalanobis(x, self._param("mean0", x), self._param("precision0", x))[:, 0]
+
+
+@register
+class StemMahalanobisScorer(OODScorer):
+    """Squared Mahalanobis distance of the input's low-level statistics (`OODFeatures.stem`: the per-channel
+    mean and standard deviation of the first convolution's output) to one Gaussian over the in-distribution
+    ones (labels unused: these statistics describe the image, not its class). Corruptions, weather and
+    photos move them far more than the pooled features, and they are ready after one convolution, so a
+    runtime that adapts every input can score it without a separate forward pass.
+
+    Each statistic is standardised, and the correlation matrix gets `ridge` on its diagonal before it is
+    inverted: the statistics of one convolution are strongly collinear (grey images make the colour channels
+    equal), and an exact inverse would weigh float rounding in that null space by 1e15.
+    """
+
+    name = "stem_mahalanobis"
+    requires = ("stem",)
+    state_keys = ("means", "inv_scales", "precision")
+
+    def __init__(self, ridge: float = 1e-2) -> None:
+        super().__init__()
+        if not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ConfigError(f"stem_mahalanobis: ridge must be a positive number, got {ridge!r}")
+        self.ridge = float(ridge)
+
+    def params(self) -> dict[str, Any]:
+        return {"ridge": self.ridge}
+
+    def _fit(self, features: OODFeatures, labels: np.ndarray | None) -> dict[str, np.ndarray | float]:
+        x = features.stem
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale = np.maximum(scale, 1e-6 * max(float(scale.max()), 1e-30))  # a constant statistic: any change is far
+        z = (x - mean) / scale
+        corr = z.T @ z / len(z)
+        precision = np.linalg.inv(corr + self.ridge * np.eye(len(corr)))
+        return {"means": (mean / scale)[None], "inv_scales": 1.0 / scale, "precision": (precision + precision.T) / 2}
+
+    def _score(self, features: OODFeatures) -> Array:
+        x = features.stem * self._param("inv_scales", features.stem)
+        return rowmin(sq_mahalanobis(x, self._param("means", x), self._param("precision", x)))
 
 
 def vim_dim(feature_dim: int) -> int:

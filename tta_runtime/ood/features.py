@@ -50,6 +50,9 @@ class OODFeatures:
     - `mask_disagreement`: (B,) mean over foreground pixels of KL(decoder masks || slot-attention maps) in
       nats; foreground = pixels whose most likely slot (decoder) is not the slot with the most mask mass;
       0 when there is none. Slot models whose output carries the attention maps (not the ONNX frozen path's)
+    - `stem`: (B, 2C) the per-channel mean and standard deviation over positions of a classifier's first
+      convolution's output (`tta_runtime.frozen.first_conv`): the input's low-level statistics, which noise,
+      blur, weather and photos move long before the pooled features do. Classifiers with a convolution only
 
     A field a model does not produce is None; scorers that need it raise a `ConfigError`.
     """
@@ -59,9 +62,10 @@ class OODFeatures:
     embedding: Array | None = None
     logits: Array | None = None
     mask_disagreement: Array | None = None
+    stem: Array | None = None
 
     _FIELDS: ClassVar[dict[str, int]] = {
-        "recon_mse": 1, "mask_entropy": 1, "embedding": 2, "logits": 2, "mask_disagreement": 1,
+        "recon_mse": 1, "mask_entropy": 1, "embedding": 2, "logits": 2, "mask_disagreement": 1, "stem": 2,
     }
 
     def __post_init__(self) -> None:
@@ -103,6 +107,12 @@ class OODFeatures:
             values = [getattr(p, n) for p in parts]
             joined.append(None if any(v is None for v in values) else np.concatenate([np.asarray(v) for v in values]))
         return OODFeatures(*joined)
+
+
+def stem_statistics(h: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) activations -> (B, 2C): each channel's mean and standard deviation (ddof 1) over positions."""
+    flat = h.flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
 
 
 def features_from_output(

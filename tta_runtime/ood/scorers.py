@@ -37,12 +37,15 @@ from tta_runtime.registry import Registry
 # (needs nothing but the forward pass). No scorer is clearly better on every shift.
 DEFAULT_SCORER = "recon_error"
 # The scorer a classifier reports when its calibration holds several: chosen on far shifts (natural photos
-# against digits) and near shifts (the corruption suite) together; the AUROC table and its command are in
-# docs/custom_models.md. The logit scorers (energy, MSP) pass confident photos as digits.
-DEFAULT_CLASSIFIER_SCORER = "mahalanobis"
+# against digits) and near shifts (the corruption suite) together, on the validation split; the AUROC tables
+# and their commands are in docs/custom_models.md. The logit scorers (energy, MSP) pass confident photos as
+# digits; the pooled features miss most corruptions that the first convolution's statistics catch.
+DEFAULT_CLASSIFIER_SCORER = "stem_mahalanobis"
+STEM_SCORER = "stem_mahalanobis"  # reads the first convolution's statistics: models without one cannot have it
+FALLBACK_CLASSIFIER_SCORER = "mahalanobis"  # the default of a classifier whose calibration lacks the default scorer
 SEGMENTER_SCORERS: tuple[str, ...] = ("recon_error", "mask_entropy", "mask_disagreement", "knn", "mahalanobis")
 CLASSIFIER_SCORERS: tuple[str, ...] = (
-    "msp", "max_logit", "energy", "softmax_entropy", "mahalanobis", "rmd", "knn", "vim"
+    "msp", "max_logit", "energy", "softmax_entropy", "mahalanobis", "rmd", "knn", "vim", STEM_SCORER
 )
 
 
