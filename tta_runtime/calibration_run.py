@@ -108,12 +108,12 @@ def calibrate_classifier(
             if progress is not None:
                 progress(min(start + CHUNK, n), total, "features")
     feats = OODFeatures.concat(parts)
-    if not (np.isfinite(feats.logits).all() and np.isfinite(feats.embedding).all()):
+    if not all(np.isfinite(v).all() for v in (feats.logits, feats.embedding, feats.stem) if v is not None):
         raise ConfigError("the model gives non-finite logits or features on these images; calibration needs finite ones")
-    if feats.stem is None:  # no convolution: the scorer that reads the first one's statistics cannot run
+    if feats.stem is None:  # no convolution ran: the scorer that reads the first one's statistics cannot run
         if scorers is not None and STEM_SCORER in scorers or default == STEM_SCORER:
-            raise ConfigError(f"OOD scorer {STEM_SCORER!r} reads the model's first nn.Conv2d, and this model has none: "
-                              f"choose others of {list(CLASSIFIER_SCORERS)}")
+            raise ConfigError(f"OOD scorer {STEM_SCORER!r} reads the model's first nn.Conv2d, and this model has none "
+                              f"(or its forward pass does not call it): choose others of {list(CLASSIFIER_SCORERS)}")
         names = [n for n in names if n != STEM_SCORER]
     default = default or (DEFAULT_CLASSIFIER_SCORER if DEFAULT_CLASSIFIER_SCORER in names else FALLBACK_CLASSIFIER_SCORER)
     if default not in names:

@@ -38,12 +38,15 @@ NO_SCORE = OODScore(float("nan"), "off", None, float("nan"))
 
 
 def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:
-    """The classifier's first `nn.Conv2d` in module order (the one whose output `OODFeatures.stem` describes)."""
+    """The classifier's first `nn.Conv2d` in module (registration) order, the one whose output `OODFeatures.stem`
+    describes: the first one that runs in every sequential network. A path that computes without calling it (a
+    pruned model's folded gather path) yields no `stem`."""
     return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
 
 
-class _StemReached(Exception):
-    """Raised by the stem hook to stop a forward pass once the first convolution has run (`stem_only`)."""
+class _StemReached(BaseException):
+    """Raised by the stem hook to stop a forward pass once the first convolution has run (`stem_only`); a
+    BaseException, so that a model's own `except Exception` cannot swallow it."""
 
 
 class FeaturePass(torch.nn.Module):
@@ -64,7 +67,7 @@ class FeaturePass(torch.nn.Module):
             conv = first_conv(self.model) if self.stem else None
             if conv is None:
                 if self.stem_only:
-                    raise ConfigError("stem_mahalanobis needs a model with an nn.Conv2d (its first convolution's statistics)")
+                    raise ConfigError("stem_mahalanobis needs a model with an nn.Conv2d that runs (its first convolution's statistics)")
                 out = self.model(x)
                 return out, OODFeatures(logits=out.logits, embedding=out.features)
             captured: list[torch.Tensor] = []

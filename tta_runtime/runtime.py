@@ -469,7 +469,7 @@ class Runtime:
             if not (stem_only and self._weights_moved):  # (then only the loaded weights' pass below runs)
                 with torch.inference_mode():
                     out, feats = FeaturePass(self.model, self.task, embedding, **kinds)(x)
-            self._last_pruning = pruning_info(self.model, self.options.prune, x.shape[0])
+            self._last_pruning = [None] * x.shape[0] if stem_only else pruning_info(self.model, self.options.prune, x.shape[0])
         if self._weights_moved:
             feats = features_with(self.model, self.task, embedding, x, self._adapter.loaded_state, **kinds)
             out = None if kinds["stem_only"] else out

@@ -59,6 +59,9 @@ class ClassifierGraph(nn.Module):
         if self.part != "predictor_ood":
             return logits, probs
         # float32 even in a half graph
+        if stem and feats.stem is None:
+            raise ConfigError("the calibrated scorer reads the first nn.Conv2d's statistics, but this model's forward pass "
+                              "does not call it: export with another calibrated scorer (calibration=...)")
         feats = OODFeatures(logits=logits.float(), embedding=out.features.float(), stem=feats.stem.float() if stem else None)
         score = self.calibration.torch_score(feats) if self.calibration is not None else -torch.logsumexp(feats.logits, dim=1)
         return logits, probs, score.float()

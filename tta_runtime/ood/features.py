@@ -110,9 +110,11 @@ class OODFeatures:
 
 
 def stem_statistics(h: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) activations -> (B, 2C): each channel's mean and standard deviation (ddof 1) over positions."""
+    """(B, C, H, W) activations -> (B, 2C): each channel's mean and standard deviation (ddof 0, so one position
+    gives 0, not NaN) over positions, in float32 at least (a half-precision graph computes them as the runtime does)."""
     flat = h.flatten(2)
-    return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2, correction=0)], dim=1)
 
 
 def features_from_output(
