@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCORER_EMBEDDINGS", "detection_metrics", "eval_ood", "fit_ood", "scene_features", "train_split_of"]
+__all__ = ["SCORER_EMBEDDINGS", "calibrated_split", "detection_metrics", "eval_ood", "fit_ood", "scene_features", "train_split_of"]
 
 # Scorers that `fit_ood` fits on another embedding than DEFAULT_EMBEDDING: Mahalanobis on the encoder
 # features' mean and standard deviation separates textured backgrounds better than on the mean alone, and
@@ -182,7 +182,7 @@ def _far_shift(report: dict[str, Any], names: Iterable[str], in_dist: str = "in_
     }
 
 
-def _calibrated_split(calibrations: Mapping[str, Calibration], in_dist: str | None) -> str:
+def calibrated_split(calibrations: Mapping[str, Calibration], in_dist: str | None) -> str:
     """The in-distribution split of an evaluation: `in_dist`, else the one the calibrations were fitted on;
     a ConfigError when calibrations and split disagree (the thresholds would belong to another world)."""
     fitted = sorted({c.split for c in calibrations.values()})
@@ -218,7 +218,7 @@ def eval_ood(
     report also names its in-distribution split ("in_dist_split"). `seed` defaults to the test seed
     (`tta_runtime.data.scenes.TEST_SEED`). `progress`: one bar over every scene read, the split in its postfix.
     """
-    in_dist = _calibrated_split(calibrations, in_dist)
+    in_dist = calibrated_split(calibrations, in_dist)
     splits = world_splits(in_dist) if splits is None else splits
     seed = TEST_SEED if seed is None else seed
     if any(c.seed == seed and c.split == in_dist for c in calibrations.values()):
