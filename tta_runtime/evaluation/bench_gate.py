@@ -136,7 +136,8 @@ def bench_gate(
         },
         "gain_always": gain_always,
         "gain_when_ood": gain_gated,
-        "gain_kept": gain_gated / gain_always if gain_always != 0 else None,
+        # a share of a loss is no "gain kept": None (the CLI says n/a) unless always-adapt gained
+        "gain_kept": gain_gated / gain_always if gain_always > 0 else None,
         "compute_share_steps": total("steps_gated") / max(1.0, total("steps_always")),
         "compute_share_seconds": total("seconds_gated") / total("seconds_always"),
         "per_split": {
