@@ -48,5 +48,5 @@ def test_pruned_classifier_compares_dense_and_pruned() -> None:
 @pytest.mark.slow
 def test_custom_model_adapts_calibrates_saves_and_exports(tmp_path) -> None:
     out = _run("custom_model.py", "--epochs", "4", "--out", str(tmp_path))
-    assert out.splitlines()[0].startswith("calibrated 8 OOD scorers")
+    assert out.splitlines()[0].startswith("calibrated 9 OOD scorers") and "is_ood uses stem_mahalanobis" in out
     assert "identical predictions True" in out and "parity passed" in out
