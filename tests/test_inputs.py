@@ -403,3 +403,29 @@ def test_resize_image_float():
     assert out.shape == (20, 28, 3) and out.dtype == np.float32
     assert img.min() - 1e-6 <= out.min() and out.max() <= img.max() + 1e-6
     np.testing.assert_allclose(resize_image(np.full((6, 6, 3), 0.25), (3, 9)), 0.25, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+def test_a_model_size_uint8_batch_is_converted_at_once_bit_for_bit(order):
+    """The batch path (one conversion for an (N, S, S, 3) uint8 array) gives what image-by-image gives, owns
+    its arrays, and leaves every other batch, and every bad one, to the per-image door."""
+    from tta_runtime.config import Preprocessing
+    from tta_runtime.inputs import prepare_images, split_batch
+
+    pre = Preprocessing(size=S)
+    batch = np.random.default_rng(3).integers(0, 256, (5, S, S, 3), dtype=np.uint8)
+    batch[0], batch[1] = 255, 0
+    before = batch.copy()
+    fast = prepare_images(split_batch(batch), whole=batch, channel_order=order, preprocessing=pre)
+    slow = prepare_images(split_batch(batch), channel_order=order, preprocessing=pre)
+    for f, s in zip(fast, slow, strict=True):
+        assert torch.equal(_check(f), s.tensor) and np.array_equal(f.original_rgb, s.original_rgb)
+        assert not np.shares_memory(f.original_rgb, batch)
+    assert float(fast[0].tensor.max()) == 1.0 and float(fast[1].tensor.min()) == 0.0
+    np.testing.assert_array_equal(batch, before)
+    bigger = np.zeros((2, S + 1, S + 1, 3), np.uint8)  # needs a resize: image by image
+    assert prepare_images(split_batch(bigger), whole=bigger, preprocessing=pre)[0].tensor.shape == (1, 3, S, S)
+    with pytest.raises(InvalidInputError, match="max_pixels"):
+        prepare_images(split_batch(batch), whole=batch, preprocessing=pre, max_pixels=S * S - 1)
+    with pytest.raises(InvalidInputError, match="channel_order"):
+        prepare_images(split_batch(batch), whole=batch, preprocessing=pre, channel_order="hsv")

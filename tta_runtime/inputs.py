@@ -112,6 +112,35 @@ def prepare_image(
     return _prepare_array(array, order, out_hw, max_pixels, what, preprocessing)
 
 
+def prepare_images(
+    items: list[Any], *, whole: Any = None, channel_order: str = "rgb", max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocessing: Preprocessing | None = None,
+) -> list[PreparedImage]:
+    """Every image of a request through `prepare_image` (an error in a batch names the image's index).
+
+    `whole`: the batch `items` came from (`split_batch`). A uint8 (N, S_h, S_w, 3) numpy batch already at the
+    model's size under a square resize is converted in one pass (the same tensors, bit for bit, as image by
+    image: geometry is then the identity)."""
+    out_hw = (preprocessing.size, preprocessing.size) if preprocessing is not None else (0, 0)
+    if (preprocessing is not None and isinstance(whole, np.ndarray) and whole.ndim == 4 and whole.dtype == np.uint8
+            and whole.shape[3] == 3 and tuple(whole.shape[1:3]) == out_hw and preprocessing.resize == "square" and len(whole) == len(items)
+            and channel_order in _CHANNEL_ORDERS and isinstance(max_pixels, int) and not isinstance(max_pixels, bool)):
+        check_pixels(out_hw, max_pixels, describe(whole))
+        own = (whole if channel_order == "rgb" else whole[..., ::-1]).copy()  # ours, C-contiguous, RGB
+        chw = torch.from_numpy(own).permute(0, 3, 1, 2).contiguous().float()
+        chw.mul_(np.float32(1.0 / 255.0)).clamp_(0.0, 1.0)
+        return [PreparedImage(tensor=chw[i : i + 1], original_size=out_hw, original_rgb=own[i]) for i in range(len(own))]
+    prepared = []
+    for i, item in enumerate(items):
+        try:
+            prepared.append(prepare_image(item, preprocessing=preprocessing, channel_order=channel_order, max_pixels=max_pixels))
+        except InvalidInputError as e:
+            if len(items) == 1:
+                raise
+            raise InvalidInputError(f"image {i} of the batch of {len(items)}: {e}") from None
+    return prepared
+
+
 def split_batch(images: Any) -> list[Any] | None:
     """The images of a batch, one by one, or None when `images` is a single image.
 

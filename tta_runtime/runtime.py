@@ -35,7 +35,7 @@ from tta_runtime.device import resolve_device
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
 from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, needs_stem, ood_scores, warn_far_ood
-from tta_runtime.inputs import PreparedImage, prepare_image, split_batch
+from tta_runtime.inputs import PreparedImage, prepare_images, split_batch
 from tta_runtime.ood import load_calibration
 from tta_runtime.outputs import ResultContext, classifier_results, merge_rows, pruning_info, segmenter_results
 from tta_runtime.result import Result
@@ -228,7 +228,7 @@ class Runtime:
         chunks of `PREDICT_CHUNK`. See `Result` for shapes and ranges."""
         items, is_batch = self._items(image)
         t0 = time.perf_counter()
-        prepared = self._prepare(items, channel_order)
+        prepared = self._prepare(items, channel_order, image if is_batch else None)
         results = self._request(prepared, "never", None, None, time.perf_counter() - t0)
         return results if is_batch else results[0]
 
@@ -256,7 +256,7 @@ class Runtime:
         recipe = self._recipe_for(overrides)
         items, is_batch = self._items(image)
         t0 = time.perf_counter()
-        prepared = self._prepare(items, channel_order)
+        prepared = self._prepare(items, channel_order, image if is_batch else None)
         t_prep = time.perf_counter() - t0
         if self.task == "segmentation" and (recipe.execution is None or len(prepared) == 1):
             groups = [[p] for p in prepared]  # one image at a time, each adapted from the state the last one left
@@ -479,18 +479,9 @@ class Runtime:
         batch = split_batch(image)
         return (batch, True) if batch is not None else ([image], False)
 
-    def _prepare(self, items: list[Any], channel_order: str) -> list[PreparedImage]:
-        prepared = []
-        for i, item in enumerate(items):
-            try:
-                prepared.append(prepare_image(
-                    item, preprocessing=self.card.preprocessing, channel_order=channel_order, max_pixels=self.options.max_pixels
-                ))
-            except InvalidInputError as e:
-                if len(items) == 1:
-                    raise
-                raise InvalidInputError(f"image {i} of the batch of {len(items)}: {e}") from None
-        return prepared
+    def _prepare(self, items: list[Any], channel_order: str, whole: Any = None) -> list[PreparedImage]:
+        return prepare_images(items, whole=whole, channel_order=channel_order, max_pixels=self.options.max_pixels,
+                              preprocessing=self.card.preprocessing)
 
     def _skip_reason(self, gate: str, score: OODScore) -> str | None:
         if gate == "never":

@@ -244,8 +244,8 @@ class Adapter:
         """
         cfg = cfg or self.cfg
         check_step_callback(on_step)
+        method = self._method(cfg.method)  # a method for the other kind of model: say that first
         check_recipe_fits(cfg, self.task)
-        method = self._method(cfg.method)
         model = self.model
         chosen = self._chosen(cfg.params)
         report = AdaptationReport(

@@ -114,7 +114,9 @@ def stem_statistics(h: torch.Tensor) -> torch.Tensor:
     gives 0, not NaN) over positions, in float32 at least (a half-precision graph computes them as the runtime does)."""
     flat = h.flatten(2)
     flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    return torch.cat([flat.mean(dim=2), flat.std(dim=2, correction=0)], dim=1)
+    mean = flat.mean(dim=2)
+    centred = flat - mean.unsqueeze(2)  # two plain passes: ~10x faster than Tensor.std's on one CPU thread
+    return torch.cat([mean, (centred * centred).mean(dim=2).sqrt()], dim=1)
 
 
 def features_from_output(
