@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="adaptation steps per frame")
     args = parser.parse_args()
 
-    rt = tta.Runtime.from_pretrained(mode="continual", recipe="slot_tta_fast", steps=args.steps)
+    rt = tta.Runtime.from_pretrained("slot-shapes-32", mode="continual", recipe="slot_tta_fast", steps=args.steps)
     frames, _ = generate_scenes("textured_background", args.frames, seed=3, size=rt.input_size)
     for i, frame in enumerate(frames):
         res = rt.adapt_and_predict(frame)

@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the recipe's)")
     args = parser.parse_args()
 
-    rt = tta.Runtime.from_pretrained()  # default model, its card's default recipe (slot_tta_fast)
-    image = args.image or tta.sample_image_path()
+    rt = tta.Runtime.from_pretrained()  # the default model (slot-flat-64), its card's default recipe
+    image = args.image or tta.sample_image_path(rt.name)  # the model's own demo sample
     before = rt.predict(image)
     overrides = {} if args.steps is None else {"steps": args.steps}
     after = rt.adapt_and_predict(image, **overrides)

@@ -71,7 +71,7 @@ def runtime() -> tta_runtime.Runtime:
     """The default shipped model with the faithful recipe (`slot_tta`, whatever the card's default), episodic.
     Shared by the session: tests must leave its weights as loaded (they compare against `source_state`);
     tests that adapt continually build their own runtime."""
-    return tta_runtime.Runtime.from_pretrained(recipe="slot_tta")
+    return tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta")
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def source_state(runtime: tta_runtime.Runtime) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def fresh_runtime() -> tta_runtime.Runtime:
     """A runtime of the default model of its own (faithful recipe), for tests that change weights (continual mode)."""
-    return tta_runtime.Runtime.from_pretrained(recipe="slot_tta")
+    return tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta")
 
 
 # ----------------------------------------------------------------------------------------------------

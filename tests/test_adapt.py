@@ -143,7 +143,7 @@ def test_eight_threads_on_one_runtime_match_sequential_calls(runtime, source_sta
 
 
 def test_continual_runtime_keeps_and_continues_adapting_until_reset(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
 
     first = rt.adapt_and_predict(ood_image, steps=2)
@@ -161,7 +161,7 @@ def test_continual_runtime_keeps_and_continues_adapting_until_reset(state, ood_i
 
 def test_continual_calls_carry_the_optimizer_like_one_long_call(runtime, state, ood_image):
     long = runtime.adapt_and_predict(ood_image, steps=4)  # episodic, on the shared runtime
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     first = rt.adapt_and_predict(ood_image, steps=2)
     second = rt.adapt_and_predict(ood_image, steps=2)
     # Same weights and same Adam moments: two calls of 2 steps are one call of 4 steps.
@@ -179,7 +179,7 @@ def test_continual_per_call_override_keeps_weights(fresh_runtime, state, ood_ima
 
 
 def test_continual_runtime_stays_continual_when_a_call_switches_recipe(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     res = rt.adapt_and_predict(ood_image, recipe="entropy", steps=2)
     assert res.adaptation.mode == "continual"
@@ -193,7 +193,7 @@ def _adapted_elements(model: torch.nn.Module, spec: str) -> dict[str, torch.Tens
 
 
 def test_stochastic_restore_of_one_returns_every_weight_to_the_loaded_model(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     res = rt.adapt_and_predict(ood_image, steps=3, restore_prob=1.0)
     assert res.adaptation.steps_run == 3
@@ -203,13 +203,13 @@ def test_stochastic_restore_of_one_returns_every_weight_to_the_loaded_model(stat
 
 
 def test_stochastic_restore_resets_about_that_share_of_the_adapted_elements(ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     loaded = _adapted_elements(rt.model, "all")
     rt.adapt_and_predict(ood_image, steps=1, restore_prob=0.3)
     after = _adapted_elements(rt.model, "all")
     same = sum(int((after[n] == loaded[n]).sum()) for n in loaded)
     total = sum(t.numel() for t in loaded.values())
-    moved_without_restore = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    moved_without_restore = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     moved_without_restore.adapt_and_predict(ood_image, steps=1)
     free = _adapted_elements(moved_without_restore.model, "all")
     unchanged_anyway = sum(int((free[n] == loaded[n]).sum()) for n in loaded) / total
@@ -220,9 +220,9 @@ def test_stochastic_restore_resets_about_that_share_of_the_adapted_elements(ood_
 
 def test_stochastic_restore_masks_continue_across_continual_calls(ood_image):
     """Two calls of 2 steps equal one call of 4: the restore masks are not redrawn from the seed per call."""
-    one = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    one = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     one.adapt_and_predict(ood_image, steps=4, restore_prob=0.2)
-    two = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    two = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     two.adapt_and_predict(ood_image, steps=2, restore_prob=0.2)
     two.adapt_and_predict(ood_image, steps=2, restore_prob=0.2)
     a, b = _adapted_elements(one.model, "all"), _adapted_elements(two.model, "all")
@@ -294,7 +294,7 @@ def test_nan_gradient_rolls_back_to_the_source_weights(runtime, source_state, st
 
 
 def test_nan_gradient_in_continual_mode_keeps_the_source_weights(state, ood_image, nan_gradient_method):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     res = rt.adapt_and_predict(ood_image, method=nan_gradient_method, steps=3)
     assert res.adaptation.rolled_back
@@ -325,7 +325,7 @@ SELECTIONS = {
 
 @pytest.mark.parametrize("params", list(SELECTIONS))
 def test_only_selected_parameters_change(state, ood_image, params):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     model = rt.model
     selected = {n for n, _ in model.named_parameters() if SELECTIONS[params](n, model)}
     source = state.snapshot(model)
@@ -340,7 +340,7 @@ def test_only_selected_parameters_change(state, ood_image, params):
 
 
 def test_no_encoder_keeps_every_encoder_weight_and_moves_the_rest(state, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", mode="continual")
     source = state.snapshot(rt.model)
     rt.adapt_and_predict(ood_image, steps=2, params="no_encoder")
     changed = state.changed(rt.model, source)
@@ -425,7 +425,7 @@ def test_unknown_method_in_a_call_names_the_closest(runtime, source_state, state
 
 def test_unknown_method_at_load_names_the_closest():
     with pytest.raises(tta_runtime.UnknownNameError, match="did you mean 'slot_mask_entropy'"):
-        tta_runtime.Runtime.from_pretrained(method="slot_mask_entropi")
+        tta_runtime.Runtime.from_pretrained("slot-shapes-32", method="slot_mask_entropi")
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():

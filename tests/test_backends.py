@@ -159,7 +159,7 @@ def test_a_changed_file_does_not_pass_for_its_manifest(exported, tmp_path) -> No
 
 
 def test_ort_frozen_path_matches_the_torch_path_and_follows_adaptation(ood_image) -> None:
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", steps=2, mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", steps=2, mode="continual")
     fp = OrtFrozenPath(rt.model, rt.card, calibration=rt.calibration, providers=["cpu"], options=ONE_THREAD, verify=False)
     assert fp.provider_used == "CPUExecutionProvider"
     x = torch.from_numpy(ood_image).permute(2, 0, 1)[None].float() / 255
@@ -191,7 +191,7 @@ def test_ort_frozen_path_matches_the_torch_path_and_follows_adaptation(ood_image
 
 
 def test_episodic_restore_does_not_rebuild_the_session(ood_image) -> None:
-    rt = tta_runtime.Runtime.from_pretrained(steps=1)  # episodic: weights restored after the call
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", steps=1)  # episodic: weights restored after the call
     fp = OrtFrozenPath(rt.model, rt.card, calibration=rt.calibration, providers=["cpu"], options=ONE_THREAD, verify=False)
     rt.adapt_and_predict(ood_image)
     assert fp.sync() is False and fp.resyncs == 0

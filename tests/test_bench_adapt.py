@@ -287,7 +287,7 @@ def test_bench_measures_cpu_peak_memory_in_a_fresh_process(tiny_model_dir: pathl
 def test_a_recipe_with_execution_adapts_a_batch_at_once_through_the_runtime(ood_batch) -> None:
     from tta_runtime import Runtime
 
-    rt = Runtime.from_pretrained(recipe="slot_tta_batched", steps=3)
+    rt = Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta_batched", steps=3)
     assert rt.recipe.execution is not None and rt.recipe.execution.batch_size == 8
     before = {k: v.clone() for k, v in rt.model.state_dict().items()}
     images = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in ood_batch]
@@ -310,7 +310,7 @@ def test_a_recipe_with_execution_adapts_a_batch_at_once_through_the_runtime(ood_
     with pytest.raises(ConfigError, match="episodic"):
         rt.adapt_and_predict(images, mode="continual")
     with pytest.raises(ConfigError, match="execution"):
-        Runtime.from_pretrained(recipe="slot_tta_batched", execution={"batch_size": 0})
+        Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta_batched", execution={"batch_size": 0})
 
 
 def test_exec_lever_configs_pair_async_with_the_same_levers_without_it():

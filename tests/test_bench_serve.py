@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart, prometheus-client) is not installed")
 
 from tta_runtime.cli.main import main
+from tta_runtime.hub import DEFAULT_MODEL
 
 CLIENTS, PER_CLIENT, STEPS = 2, 10, 2
 
@@ -27,7 +28,7 @@ def test_bench_serve_small_mix(tmp_path, capsys):
     assert "HTTP load, adapt" in printed and "in-process predict" in printed and f"wrote {out}" in printed
 
     assert r["command"] == "tta-runtime " + " ".join(argv)
-    assert r["settings"]["model"] == "slot-shapes-32" and r["settings"]["threads"] == 1
+    assert r["settings"]["model"] == DEFAULT_MODEL and r["settings"]["threads"] == 1
     assert r["machine"]["cpu_count"] >= 1 and r["machine"]["torch"]
     assert r["timestamp"].endswith("+00:00")
 

@@ -79,24 +79,26 @@ def test_demo_prints_before_after_and_writes_its_files(tmp_path: pathlib.Path, c
     assert re.search(r"^recon MSE\s+\d+\.\d{5}\s+\d+\.\d{5}$", out, re.M)
     assert "for 3 steps in" in out
     # Calibrated models name the scorer and threshold; uncalibrated ones report the card's z-score.
-    ood = re.search(r"^OOD\s+score ([+-]\d+\.\d\d) \((recon_error, threshold|recon_mse_z:)", out, re.M)
+    ood = re.search(r"^OOD\s+score ([+-]\d+\.\d\d) \((\w+, threshold|recon_mse_z:)", out, re.M)
     assert ood is not None
 
     result = json.loads((out_dir / "result.json").read_text())
     before, after = result["before"], result["after"]
     assert before["adaptation"] is None
     assert after["adaptation"]["steps_run"] == 3 and len(after["adaptation"]["losses"]) == 3
-    assert before["image_size"] == after["image_size"] == [96, 96]
+    sample = cv2.imread(str(sample_image_path(DEFAULT_MODEL)), cv2.IMREAD_COLOR)  # the default model's own sample
+    side = sample.shape[0]
+    assert before["image_size"] == after["image_size"] == [side, side] and "demo_sample.png" in out
     assert f"{before['ood_score']:+.2f}" == ood.group(1)
 
     overlay = cv2.imread(str(out_dir / "overlay.png"), cv2.IMREAD_UNCHANGED)
     assert overlay is not None and overlay.ndim == 3 and overlay.shape[2] == 3
-    tile, margin = 2 * 96, 8  # the 96x96 sample is shown at scale 2 in five tiles side by side
+    scale = -(-192 // side)  # demo_figure's integer nearest-neighbour scale to at least 192 pixels
+    tile, margin = scale * side, 8  # the sample is shown in five tiles side by side
     h, w = overlay.shape[:2]
-    assert w >= 5 * tile + 6 * margin and tile + 2 * margin < h < 2 * tile
+    assert w >= 4 * tile + 300 + 6 * margin and tile + 2 * margin < h < 2 * tile
     # The first tile is the input itself, enlarged (nearest neighbour), under its caption.
-    sample = cv2.imread(str(sample_image_path()), cv2.IMREAD_COLOR)
-    big = np.repeat(np.repeat(sample, 2, axis=0), 2, axis=1)
+    big = np.repeat(np.repeat(sample, scale, axis=0), scale, axis=1)
     np.testing.assert_array_equal(overlay[h - margin - tile : h - margin, margin : margin + tile], big)
 
     loss = cv2.imread(str(out_dir / "loss.png"), cv2.IMREAD_UNCHANGED)
@@ -127,7 +129,7 @@ def test_info_unknown_model_is_an_error_line(capsys: pytest.CaptureFixture[str])
     assert main(["info", "slot-shapes-3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'slot-shapes-3'")
-    assert f"did you mean '{DEFAULT_MODEL}'?" in err and "Traceback" not in err
+    assert "did you mean 'slot-shapes-32'?" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,7 +187,8 @@ def test_console_script_points_at_main():
 # ----------------------------------------------------------------------------------------------------
 # eval
 
-EVAL_ARGS = ["eval", "--splits", "in_dist,textured_background", "--n-images", "2", "--steps", "2"]
+EVAL_MODEL = "slot-shapes-32"  # the small segmenter: its world's splits, its U-Net baseline
+EVAL_ARGS = ["eval", "--model", EVAL_MODEL, "--splits", "in_dist,textured_background", "--n-images", "2", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -198,9 +201,9 @@ def eval_json(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def test_eval_json_has_every_variant_and_gain_intervals(eval_json: pathlib.Path):
     report = json.loads(eval_json.read_text())
-    assert report["model"] == DEFAULT_MODEL
+    assert report["model"] == EVAL_MODEL
     # no --recipe: the model card's default recipe
-    assert report["recipe"]["name"] == load_card(find_model(None)).default_recipe and report["recipe"]["steps"] == 2
+    assert report["recipe"]["name"] == load_card(find_model(EVAL_MODEL)).default_recipe and report["recipe"]["steps"] == 2
     # the fair baselines by default: entropy on the norm layers; the U-Net with and without its own Tent
     assert report["baseline"]["name"] == "entropy_norm" and report["baseline"]["steps"] == 2
     assert report["baseline"]["params"] == "norm"
@@ -264,7 +267,7 @@ def test_eval_check_is_not_fooled_by_json_to_the_same_path(eval_json: pathlib.Pa
     path.write_text(json.dumps(tampered))
     # Writing the new report over the one being checked must still compare against the old one. (A smaller
     # evaluation than the fixture's keeps this quick: it differs from the tampered file either way.)
-    small = ["eval", "--splits", "in_dist", "--n-images", "1", "--steps", "1", "--baseline", "none"]
+    small = ["eval", "--model", EVAL_MODEL, "--splits", "in_dist", "--n-images", "1", "--steps", "1", "--baseline", "none"]
     assert main([*small, "--json", str(path), "--check", str(path)]) == 1
 
 
@@ -414,7 +417,7 @@ def test_train_with_too_few_slots_for_the_scenes_fails_cleanly(tmp_path: pathlib
 
 
 def test_eval_in_worker_processes_gives_the_same_numbers(tmp_path: pathlib.Path) -> None:
-    args = ["eval", "--splits", "in_dist,unseen_colours", "--n-images", "2", "--steps", "2", "--baseline", "none"]
+    args = ["eval", "--model", EVAL_MODEL, "--splits", "in_dist,unseen_colours", "--n-images", "2", "--steps", "2", "--baseline", "none"]
     assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
     assert main([*args, "--jobs", "2", "--check", str(tmp_path / "one.json")]) == 0
 

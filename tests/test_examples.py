@@ -26,7 +26,7 @@ def test_quickstart_adapts_the_bundled_sample() -> None:
     out = _run("quickstart.py", "--steps", "3")
     assert "OOD score" in out
     assert "in 3 steps" in out
-    assert "masks (8, 96, 96)" in out  # masks come back at the sample's own 96x96 size
+    assert "masks (8, 128, 128)" in out  # masks come back at the default model sample's own 128x128 size
 
 
 @pytest.mark.slow

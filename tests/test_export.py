@@ -178,7 +178,7 @@ def test_export_leaves_the_model_untouched(runtime, source_state, state, tmp_pat
 
 
 def test_written_weights_reproduce_the_adapted_model(tmp_path, ood_image) -> None:
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta", steps=5, mode="continual")
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_tta", steps=5, mode="continual")
     path = tmp_path / "seg.onnx"
     res = export(rt.model, rt.card, "onnx", path, part="predictor", dynamic={"batch": (1, 4)})
     graph_before = [(n.op_type, list(n.input), list(n.output)) for n in onnx.load(str(path)).graph.node]

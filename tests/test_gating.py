@@ -17,9 +17,9 @@ from tta_runtime.data.scenes import generate_scene
 
 @pytest.fixture(scope="module")
 def calibrated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the default model, calibrated by the real CLI on a few generated scenes."""
+    """A copy of the small shapes-world segmenter, calibrated by the real CLI on a few generated scenes."""
     folder = tmp_path_factory.mktemp("calibrated") / "model"
-    shutil.copytree(find_model(None), folder, ignore=shutil.ignore_patterns("ood", "feedforward"))
+    shutil.copytree(find_model("slot-shapes-32"), folder, ignore=shutil.ignore_patterns("ood", "feedforward"))
     assert main(["ood", "fit", "--model", str(folder), "--n-images", "24"]) == 0
     assert (folder / "ood" / "calibration.json").is_file()
     return folder
@@ -66,7 +66,7 @@ def test_adapt_never_takes_the_predict_path(calibrated_dir: Path) -> None:
 
 def test_when_ood_without_calibration_says_how_to_fit_one(tmp_path: Path) -> None:
     folder = tmp_path / "model"
-    shutil.copytree(find_model(None), folder, ignore=shutil.ignore_patterns("ood", "feedforward"))
+    shutil.copytree(find_model("slot-shapes-32"), folder, ignore=shutil.ignore_patterns("ood", "feedforward"))
     with pytest.raises(tta.ModelLoadError, match="tta-runtime ood fit"):
         tta.Runtime.from_pretrained(folder, adapt="when_ood")
     rt = tta.Runtime.from_pretrained(folder)

@@ -23,6 +23,7 @@ from tta_runtime.hub import (
     list_recipes,
     load_card,
     load_recipe,
+    sample_image_path,
     sha256_file,
 )
 from tta_runtime.adapt.methods import METHODS
@@ -89,12 +90,15 @@ def _gray16() -> np.ndarray:
 
 
 def test_default_model_is_listed_and_loads_by_default():
-    assert DEFAULT_MODEL == "slot-shapes-32"
+    assert DEFAULT_MODEL == "slot-flat-64"
     assert DEFAULT_MODEL in list_models()
     rt = Runtime.from_pretrained()
     assert rt.name == DEFAULT_MODEL
     assert rt.folder is not None and rt.folder.name == DEFAULT_MODEL
-    assert rt.recipe.name == rt.card.default_recipe
+    assert rt.recipe.name == rt.card.default_recipe == "slot_tta_flat"
+    # its demo sample is a scene of its own world; a model without one gets the package's bundled sample
+    assert sample_image_path(DEFAULT_MODEL) == rt.folder / "demo_sample.png" and sample_image_path(DEFAULT_MODEL).is_file()
+    assert sample_image_path("slot-shapes-32") == sample_image_path() != sample_image_path(DEFAULT_MODEL)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -184,7 +188,7 @@ def test_unknown_model_name_lists_known_and_suggests_the_closest():
     msg = str(info.value)
     assert "'slot-shapes-3'" in msg
     assert "known models: " in msg and DEFAULT_MODEL in msg
-    assert msg.endswith(f"did you mean '{DEFAULT_MODEL}'?")
+    assert msg.endswith("did you mean 'slot-shapes-32'?")
     assert isinstance(info.value, KeyError)  # catchable as a lookup failure too
 
 

@@ -23,6 +23,7 @@ from tta_runtime import Runtime
 from tta_runtime.cli.main import main
 from tta_runtime.data.scenes import generate_scene
 from tta_runtime.errors import ConfigError
+from tta_runtime.hub import DEFAULT_MODEL
 from tta_runtime.result import Result
 
 SEGMENTER, CLASSIFIER = "slot-shapes-32", "digits-cnn-bn"
@@ -270,5 +271,5 @@ def test_entry_point_predict_folder_save(tmp_path: pathlib.Path) -> None:
     for i in range(3):
         assert _labels(out / f"img{i}.labels.png").shape == (32, 32)
         assert cv2.imread(str(out / f"img{i}.overlay.png")).shape == (32, 32, 3)
-        assert json.loads((out / f"img{i}.json").read_text())["model"] == SEGMENTER
+        assert json.loads((out / f"img{i}.json").read_text())["model"] == DEFAULT_MODEL  # no --model: the default
     assert json.loads((out / "summary.json").read_text())["totals"]["ok"] == 3

@@ -187,7 +187,7 @@ def test_big_batches_and_bombs_cost_bounded_memory_in_a_fresh_process(tmp_path):
         def peak_mb():
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-        rt = tta_runtime.Runtime.from_pretrained()
+        rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32")
         out = {}
         rt.predict(np.zeros((16, 16, 3), np.uint8))  # warm: the bomb's growth is measured over a loaded runtime
         base = peak_mb()

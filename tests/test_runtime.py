@@ -255,7 +255,7 @@ def test_a_batch_gives_one_result_per_image_equal_to_single_calls(runtime, sourc
 
 @pytest.mark.parametrize("call", ["predict", "adapt_and_predict"])
 def test_image_over_max_pixels_is_refused(ood_image, call):
-    rt = tta_runtime.Runtime.from_pretrained(max_pixels=100)
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", max_pixels=100)
     with pytest.raises(tta_runtime.InvalidInputError, match=r"32x32 = 1024 pixels .* max_pixels = 100"):
         getattr(rt, call)(ood_image)
     assert rt.predict(ood_image[:10, :10]).masks.shape[1:] == (10, 10)  # 100 pixels is still fine
@@ -277,7 +277,7 @@ def test_invalid_input_error_is_a_value_error_and_a_runtime_error():
 
 def test_unknown_option_at_load_names_it_and_the_valid_ones():
     with pytest.raises(tta_runtime.ConfigError) as err:
-        tta_runtime.Runtime.from_pretrained(stpes=3)
+        tta_runtime.Runtime.from_pretrained("slot-shapes-32", stpes=3)
     msg = str(err.value)
     assert "stpes" in msg
     for valid in ("device", "max_pixels", "mode", "steps", "lr", "params"):
@@ -314,7 +314,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("field", "value"), BAD_VALUES)
 def test_bad_value_at_load_names_the_field_and_value(field, value):
     with pytest.raises(tta_runtime.ConfigError) as err:
-        tta_runtime.Runtime.from_pretrained(**{field: value})
+        tta_runtime.Runtime.from_pretrained("slot-shapes-32", **{field: value})
     assert field in str(err.value) and repr(value) in str(err.value)
 
 
@@ -330,7 +330,7 @@ def test_bad_value_in_a_call_names_the_field_and_value(runtime, source_state, st
 def test_unknown_recipe_lists_the_known_ones_and_suggests_the_closest(runtime, ood_image, where):
     with pytest.raises(tta_runtime.UnknownNameError) as err:
         if where == "load":
-            tta_runtime.Runtime.from_pretrained(recipe="slot_ta")
+            tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="slot_ta")
         else:
             runtime.adapt_and_predict(ood_image, recipe="slot_ta")
     msg = str(err.value)
@@ -347,11 +347,11 @@ def test_shipped_recipes_are_listed_and_load(runtime):
     assert fast.name == "slot_tta_fast" and fast.params == "no_encoder" and fast.pixel_fraction < 1
     assert fast.steps < faithful.steps == 150
     assert runtime.recipe.name == "slot_tta"  # the fixture's; the card's default is the one a plain load gets
-    assert tta_runtime.Runtime.from_pretrained().recipe.name == runtime.card.default_recipe == "slot_tta_fast"
+    assert tta_runtime.Runtime.from_pretrained("slot-shapes-32").recipe.name == runtime.card.default_recipe == "slot_tta_fast"
 
 
 def test_load_overrides_become_the_runtimes_recipe(ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(recipe="entropy", steps=2, lr=1e-3)
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", recipe="entropy", steps=2, lr=1e-3)
     assert (rt.recipe.name, rt.recipe.steps, rt.recipe.lr) == ("entropy", 2, 1e-3)
     report = rt.adapt_and_predict(ood_image).adaptation
     assert report.recipe == "entropy" and report.method == "slot_mask_entropy" and report.steps_run == 2
@@ -360,13 +360,13 @@ def test_load_overrides_become_the_runtimes_recipe(ood_image):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_an_error_not_a_fallback():
     with pytest.raises(tta_runtime.ConfigError, match="'cuda'.*not available"):
-        tta_runtime.Runtime.from_pretrained(device="cuda")
+        tta_runtime.Runtime.from_pretrained("slot-shapes-32", device="cuda")
 
 
 @pytest.mark.parametrize("device", ["banana", "tpu"])
 def test_unknown_device_is_a_config_error(device):
     with pytest.raises(tta_runtime.ConfigError, match=device):
-        tta_runtime.Runtime.from_pretrained(device=device)
+        tta_runtime.Runtime.from_pretrained("slot-shapes-32", device=device)
 
 
 def test_unknown_model_name_suggests_the_closest():

@@ -11,8 +11,8 @@ pytest.importorskip("onnxruntime", reason="the ONNX Runtime backend needs the 'o
 
 
 def test_onnxruntime_backend_serves_predict_like_torch_even_after_continual_adaptation(ood_image):
-    torch_rt = tta_runtime.Runtime.from_pretrained(mode="continual", steps=3)
-    ort_rt = tta_runtime.Runtime.from_pretrained(mode="continual", steps=3, backend="onnxruntime", onnxruntime_threads=1)
+    torch_rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", mode="continual", steps=3)
+    ort_rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", mode="continual", steps=3, backend="onnxruntime", onnxruntime_threads=1)
     a, b = torch_rt.predict(ood_image), ort_rt.predict(ood_image)
     assert (a.backend, b.backend) == ("torch", "onnxruntime")
     np.testing.assert_allclose(b.masks, a.masks, atol=1e-4)
@@ -24,7 +24,7 @@ def test_onnxruntime_backend_serves_predict_like_torch_even_after_continual_adap
 
 def test_onnxruntime_backend_scores_with_the_loaded_weights_after_continual_adaptation(ood_image, scene):
     """The graph runs the adapted weights for the prediction; the score stays that of the loaded weights."""
-    ort_rt = tta_runtime.Runtime.from_pretrained(mode="continual", steps=3, backend="onnxruntime", onnxruntime_threads=1)
+    ort_rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", mode="continual", steps=3, backend="onnxruntime", onnxruntime_threads=1)
     before = ort_rt.predict(ood_image)
     ort_rt.adapt_and_predict(scene("noise_blur", 1))
     after = ort_rt.predict(ood_image)
@@ -38,7 +38,7 @@ def test_onnxruntime_backend_refuses_classifiers():
 
 
 def test_runtime_export_writes_a_verified_onnx_file_of_the_adapted_weights(tmp_path, ood_image):
-    rt = tta_runtime.Runtime.from_pretrained(mode="continual", steps=2)
+    rt = tta_runtime.Runtime.from_pretrained("slot-shapes-32", mode="continual", steps=2)
     rt.adapt_and_predict(ood_image)
     result = rt.export(tmp_path / "adapted.onnx", part="predictor")
     assert result.onnx_path.is_file() and result.manifest_path.is_file()

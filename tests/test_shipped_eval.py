@@ -20,7 +20,7 @@ EVAL_JSON = find_model(None) / "eval.json"
 @pytest.mark.parametrize("split", ["unseen_colours", "textured_background"])
 def test_first_image_of_a_split_reproduces_the_committed_numbers(split: str) -> None:
     report = json.loads(EVAL_JSON.read_text())
-    rt = tta.Runtime.from_pretrained()
+    rt = tta.Runtime.from_pretrained("slot-shapes-32")
     assert report["model"] == rt.name
     expected = report["splits"][split]
     part = evaluate_split(rt, split, 1, seed=expected["seed"], adapt=AdaptConfig(**report["recipe"]), baseline=None)
@@ -31,7 +31,7 @@ def test_first_image_of_a_split_reproduces_the_committed_numbers(split: str) -> 
 
 def test_evaluate_shows_one_progress_bar_naming_the_split(capsys: pytest.CaptureFixture[str]) -> None:
     """One bar for the whole call (not one per split), its postfix naming the split being evaluated."""
-    rt = tta.Runtime.from_pretrained()
+    rt = tta.Runtime.from_pretrained("slot-shapes-32")
     report = evaluate(rt, splits=("in_dist", "unseen_colours"), n_images=1, steps=2, baseline=None, progress=True)
     assert list(report["splits"]) == ["in_dist", "unseen_colours"]
     err = capsys.readouterr().err

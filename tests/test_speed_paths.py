@@ -139,8 +139,8 @@ def test_last_forward_is_refused_where_it_means_nothing(runtime: tta_runtime.Run
 
 
 def test_score_ood_off_skips_the_frozen_pass_and_changes_no_answer(ood_image: np.ndarray) -> None:
-    on = tta_runtime.Runtime.from_pretrained(steps=3)
-    off = tta_runtime.Runtime.from_pretrained(steps=3, score_ood=False)
+    on = tta_runtime.Runtime.from_pretrained("slot-shapes-32", steps=3)
+    off = tta_runtime.Runtime.from_pretrained("slot-shapes-32", steps=3, score_ood=False)
     a, b = on.adapt_and_predict(ood_image), off.adapt_and_predict(ood_image)
     assert np.array_equal(a.segmentation, b.segmentation) and np.allclose(a.masks, b.masks, atol=1e-5)
     assert math.isnan(b.ood_score) and b.is_ood is None and not math.isnan(b.recon_mse)
@@ -152,8 +152,8 @@ def test_score_ood_off_skips_the_frozen_pass_and_changes_no_answer(ood_image: np
 
 
 def test_score_ood_off_on_onnxruntime_exports_no_ood_part(ood_image: np.ndarray) -> None:
-    on = tta_runtime.Runtime.from_pretrained(backend="onnxruntime")
-    off = tta_runtime.Runtime.from_pretrained(backend="onnxruntime", score_ood=False)
+    on = tta_runtime.Runtime.from_pretrained("slot-shapes-32", backend="onnxruntime")
+    off = tta_runtime.Runtime.from_pretrained("slot-shapes-32", backend="onnxruntime", score_ood=False)
     assert "ood_score" not in [o["name"] for o in off._ort._manifest["outputs"]]
     a, b = on.predict(ood_image), off.predict(ood_image)
     assert math.isnan(b.ood_score) and b.is_ood is None and not math.isnan(a.ood_score)

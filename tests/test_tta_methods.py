@@ -182,7 +182,7 @@ def test_reset_every_returns_to_the_loaded_weights(digits, state):
 def test_a_method_for_the_other_kind_of_model_is_refused(ood_image):
     with pytest.raises(ConfigError, match="classification"):
         tta_runtime.Runtime.from_pretrained("digits-cnn-bn", recipe="slot_tta")
-    seg = tta_runtime.Runtime.from_pretrained()
+    seg = tta_runtime.Runtime.from_pretrained("slot-shapes-32")
     with pytest.raises(ConfigError, match="segmentation"):
         seg.adapt_and_predict(ood_image, recipe="tent")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tta_runtime.adapt.fisher import fisher_information
-from tta_runtime.config import ModelCard
+from tta_runtime.config import ModelCard, ModelScope
 from tta_runtime.options import RuntimeOptions
 from tta_runtime.errors import ConfigError, InvalidInputError
 from tta_runtime.frozen import FeaturePass
@@ -152,9 +152,12 @@ def calibrate_classifier(
     return report
 
 
-def folder_calibrations(folder: Path | None, options: RuntimeOptions, task: str) -> tuple[dict[str, Calibration], Calibration | None]:
+def folder_calibrations(
+    folder: Path | None, options: RuntimeOptions, task: str, scope: ModelScope | None = None
+) -> tuple[dict[str, Calibration], Calibration | None]:
     """Every calibration in `<model folder>/ood/` (a pruned variant's own folder with `options.prune`), and the one
-    `is_ood` uses: `options.ood_scorer`, else the task's default scorer (`ConfigError` for an unknown name)."""
+    `is_ood` uses: `options.ood_scorer`, else the card's `scope.far_ood_scorer` (the scorer its author validated the
+    far-OOD level on), else the task's default scorer (`ConfigError` for an unknown name)."""
     if not options.load_calibration:
         return {}, None
     if folder is not None and options.prune is not None:
@@ -165,6 +168,8 @@ def folder_calibrations(folder: Path | None, options: RuntimeOptions, task: str)
         return {}, None
     cals = load_calibration(folder)
     defaults = (DEFAULT_CLASSIFIER_SCORER, FALLBACK_CLASSIFIER_SCORER) if task == "classification" else (DEFAULT_SCORER,)
+    if scope is not None and scope.far_ood_scorer is not None:
+        defaults = (scope.far_ood_scorer, *defaults)
     name = options.ood_scorer or next((d for d in defaults if d in cals), sorted(cals)[0])
     if name not in cals:
         raise ConfigError(unknown_name_message("calibrated OOD scorer", name, list(cals)))

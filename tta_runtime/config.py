@@ -273,6 +273,11 @@ class ModelScope(_Frozen):
         "warning and the CLI says the output is unreliable",
     )
     far_ood_evidence: str = Field("", max_length=2000, description="how the level was chosen, with the command")
+    demo_sample: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+\.png$", max_length=100,
+        description="a PNG in the model folder that `tta-runtime demo` adapts on by default (an out-of-distribution "
+        "scene of the model's world); None = the package's bundled sample",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> ModelScope:

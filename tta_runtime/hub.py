@@ -32,7 +32,7 @@ from tta_runtime.files import (
 )
 from tta_runtime.registry import unknown_name_message
 
-DEFAULT_MODEL = "slot-shapes-32"
+DEFAULT_MODEL = "slot-flat-64"
 CARD_FILE = "card.json"
 _PKG = Path(__file__).resolve().parent
 
@@ -46,8 +46,15 @@ def _roots(kind: str, env: str) -> list[Path]:
     return roots
 
 
-def sample_image_path() -> Path:
-    """The bundled out-of-distribution sample image (96x96 PNG, textured background; see assets/README.md)."""
+def sample_image_path(model: str | os.PathLike[str] | None = None) -> Path:
+    """An out-of-distribution sample image: without `model`, the package's bundled one (96x96 PNG, a shapes-world
+    scene on a textured background; see assets/README.md); with a model (name or folder), the demo sample its card
+    names (`scope.demo_sample`, a scene of its own world), else the bundled one."""
+    if model is not None:
+        folder = find_model(model)
+        scope = load_card(folder).scope
+        if scope is not None and scope.demo_sample is not None and _is_file(folder / scope.demo_sample):
+            return folder / scope.demo_sample
     return _PKG / "assets" / "ood_sample.png"
 
 

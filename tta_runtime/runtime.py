@@ -32,7 +32,7 @@ from tta_runtime.options import RuntimeOptions, split_overrides
 from tta_runtime.calibration_run import folder_calibrations
 from tta_runtime.custom import check_trust, folder_model, folder_recipe
 from tta_runtime.device import resolve_device
-from tta_runtime.errors import ConfigError, InvalidInputError
+from tta_runtime.errors import ConfigError
 from tta_runtime.hub import find_model, load_card, load_optimizer_state, load_recipe, load_weights, refuse_non_finite
 from tta_runtime.frozen import NO_SCORE, FeaturePass, OODScore, features_with, needs_stem, ood_scores, warn_far_ood
 from tta_runtime.inputs import PreparedImage, prepare_images, split_batch
@@ -83,7 +83,7 @@ class Runtime:
         self._policy = ContinualPolicy(
             self.options.reset_every, self.options.collapse_window, self.options.collapse_entropy, self._adapter.num_classes
         )
-        self._calibrations, self.calibration = folder_calibrations(self.folder, self.options, self.task)
+        self._calibrations, self.calibration = folder_calibrations(self.folder, self.options, self.task, card.scope)
         self._last_pruning: list[dict[str, Any] | None] = []  # per image of the latest frozen forward
         self._threads = ThreadPolicy(self.model, card.preprocessing.size, self.device, self.options.threads)
         self._ort = None  # the frozen path on ONNX Runtime, when options.backend says so

@@ -34,7 +34,6 @@ def _demo(args: argparse.Namespace) -> int:
     from tta_runtime.visual import loss_curve, mask_grid, save_png
 
     output_path(str(Path(args.out) / "overlay.png"), "--out")
-    image = args.image or sample_image_path()
     overrides: dict[str, Any] = {"device": args.device, "threads": args.threads}
     if args.recipe:
         overrides["recipe"] = args.recipe
@@ -45,6 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"the demo shows a slot segmenter's masks before and after adaptation; {rt.name!r} is a "
                           f"{rt.task} model: give --model slot-shapes-32 (or another segmenter), or use "
                           f"`tta-runtime predict IMAGE --model {rt.name} --adapt`")
+    image = args.image or sample_image_path(rt.folder)
     echo(
         args,
         f"model   {rt.name}  ({rt.card.segmenter.num_slots} slots, {rt.input_size}x{rt.input_size} input, device {rt.device})",
@@ -86,7 +86,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
-    """One picture of an adaptation: input | masks before | masks after | reconstruction | loss curve.
+    """One picture of an adaptation: input | masks before | masks after | reconstruction | loss curve, the images
+    enlarged by an integer factor to at least `height` pixels.
 
     Returns (H, W, 3) uint8.
     """
@@ -94,8 +95,9 @@ def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
 
     from tta_runtime.visual import loss_curve, panel
 
+    k = max(1, -(-height // before.image.shape[0]))  # an integer scale to at least `height` pixels
+
     def up(rgb: np.ndarray) -> np.ndarray:  # nearest-neighbour, so pixels stay pixels
-        k = max(1, height // rgb.shape[0])
         return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
 
     rep = after.adaptation
@@ -105,7 +107,7 @@ def demo_figure(before: Any, after: Any, height: int = 192) -> Any:
             ("masks before", up(before.overlay())),
             (f"masks after {rep.steps_run} steps", up(after.overlay())),
             ("reconstruction after", up((after.reconstruction * 255).round().astype(np.uint8))),
-            ("loss per step", loss_curve(rep.losses + [rep.final_loss], size=(height, 300), title=rep.method)),
+            ("loss per step", loss_curve(rep.losses + [rep.final_loss], size=(k * before.image.shape[0], 300), title=rep.method)),
         ]
     )
 

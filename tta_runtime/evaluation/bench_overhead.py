@@ -9,7 +9,7 @@ Every section times the reference and the runtime's public API on the same model
   `prediction="last_forward"`, and the default OOD score, whose scorer reads the first convolution only), with
   the reference's work (`score_ood=False`), and predicting after the update (`prediction="adapted"`);
 - **bn_stats**: one forward with the recipe's statistics against the `bn_stats` recipe;
-- **slot_tta_fast** (the default segmenter, the bundled sample): the recipe's loop written out (encoder once,
+- **slot_tta_fast** (`slot-shapes-32`, the bundled sample): the recipe's loop written out (encoder once,
   60 steps on 25% of the pixels, Adam with warm-up and cosine decay, one full forward, reset) against the runtime;
 - **frozen_segmenter**: `predict` at batch 1 with today's decoder against the eager implementation it replaced
   (`eager_decoder()`), with the largest output difference, in a fresh process and (with the Tent section) again
@@ -38,6 +38,7 @@ from tta_runtime.evaluation.timing import interleaved_latency
 __all__ = ["bench_overhead", "busy_core_child", "frozen_segmenter_child"]
 
 Progress = Callable[[str], None]
+SMALL_SEGMENTER = "slot-shapes-32"  # the segmenter with a pruned variant and the recipe `slot_tta_fast` was made for
 
 
 def _ratios(times: dict[str, float], reference: str) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def _slot_section(calls: int, note: Progress, threads: int) -> dict[str, Any]:
     from tta_runtime.models.segmenter import image_targets
 
     note("slot_tta_fast")
-    rt = tta_runtime.Runtime.from_pretrained(recipe="slot_tta_fast", threads=threads)
+    rt = tta_runtime.Runtime.from_pretrained(SMALL_SEGMENTER, recipe="slot_tta_fast", threads=threads)
     cfg = rt.recipe
     image = sample_image_path()
     x = rt._prepare([image], "rgb")[0].tensor  # the same model-size tensor the runtime adapts on
@@ -213,7 +214,7 @@ def _pruning_section(calls: int, note: Progress, threads: int) -> dict[str, Any]
         out["digits-cnn-bn"][f"batch_{b}"] = _ratios(times, "dense")
     out["digits-cnn-bn"]["path"] = (pruned.predict(test_x[0]).pruning or {}).get("path")
     note("pruning, segmenter")
-    seg_dense, seg_pruned = (tta_runtime.Runtime.from_pretrained(prune=p, threads=threads) for p in (None, "r0.8"))
+    seg_dense, seg_pruned = (tta_runtime.Runtime.from_pretrained(SMALL_SEGMENTER, prune=p, threads=threads) for p in (None, "r0.8"))
     image = sample_image_path()
     times = interleaved_latency({"dense": lambda: seg_dense.predict(image), "r0.8": lambda: seg_pruned.predict(image)},
                                 calls=max(10, calls // 3), warmup=5)

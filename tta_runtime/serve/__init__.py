@@ -1,7 +1,7 @@
 """Serving: one ASGI app (FastAPI, extra `serve`) over a pool of Runtimes, and the embedded uvicorn server.
 
     from tta_runtime.serve import ServeSettings, create_app
-    app = create_app(ServeSettings(models=["slot-shapes-32", "digits-cnn-bn"], workers=2))
+    app = create_app(ServeSettings(models=["slot-flat-64", "digits-cnn-bn"], workers=2))
     # uvicorn.run(app, host="127.0.0.1", port=8000)  -- or `tta-runtime serve`
 
 Routes: `POST /v1/predict`, `POST /v1/adapt` (an image as multipart upload, raw body or base64 JSON),

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tta_runtime.config import MAX_STEPS, _Frozen
+from tta_runtime.hub import DEFAULT_MODEL
 from tta_runtime.inputs import DEFAULT_MAX_PIXELS
 
 
@@ -14,7 +15,7 @@ class ServeSettings(_Frozen):
     """A server's models, pool, limits and sessions. Every limit answers with a JSON 4xx (docs/serve.md)."""
 
     models: tuple[str, ...] = Field(
-        ("slot-shapes-32",), min_length=1, max_length=16,
+        (DEFAULT_MODEL,), min_length=1, max_length=16,
         description="model names or folders to load; the first is the default for requests that name none",
     )
     device: str = Field("cpu", description="device of every Runtime ('cpu', 'cuda', 'cuda:1', 'mps')")
