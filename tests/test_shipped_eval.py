@@ -1,4 +1,4 @@
-"""The committed evaluation of the default model reproduces: its first images, re-run here, give the
+"""The committed evaluations of the shipped segmenters reproduce: its first images, re-run here, give the
 same per-image numbers as the JSON in the model folder (the full run is `tta-runtime eval`, see README)."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from tta_runtime.config import AdaptConfig
 from tta_runtime.evaluation.segmentation import evaluate, evaluate_split
 from tta_runtime.hub import find_model
 
-EVAL_JSON = find_model(None) / "eval.json"
+CASES = [("slot-shapes-32", "unseen_colours"), ("slot-shapes-32", "textured_background"), ("slot-flat-64", "flat/crowding")]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not EVAL_JSON.is_file(), reason="the default model has no eval.json yet")
-@pytest.mark.parametrize("split", ["unseen_colours", "textured_background"])
-def test_first_image_of_a_split_reproduces_the_committed_numbers(split: str) -> None:
-    report = json.loads(EVAL_JSON.read_text())
-    rt = tta.Runtime.from_pretrained("slot-shapes-32")
+@pytest.mark.parametrize(("model", "split"), CASES)
+def test_first_image_of_a_split_reproduces_the_committed_numbers(model: str, split: str) -> None:
+    eval_json = find_model(model) / "eval.json"
+    report = json.loads(eval_json.read_text())
+    rt = tta.Runtime.from_pretrained(model)
     assert report["model"] == rt.name
     expected = report["splits"][split]
     part = evaluate_split(rt, split, 1, seed=expected["seed"], adapt=AdaptConfig(**report["recipe"]), baseline=None)

@@ -11,6 +11,7 @@ same seeds, so a re-run reproduces the JSON exactly.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import platform
 import time
@@ -140,7 +141,9 @@ def _evaluate_split(
 
 
 def _split_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """One split in a worker process (--jobs): load everything from paths, evaluate, return the JSON part."""
+    """One split in a worker process (--jobs): load everything from paths, evaluate, return the JSON part.
+    An evaluation feeds far-OOD inputs on purpose: their per-call warning stays quiet here, as in the parent."""
+    logging.getLogger("tta_runtime.frozen").setLevel(logging.ERROR)
     runtime = Runtime.from_pretrained(job["model"], device=job["device"])
     feedforward = None
     if job["feedforward"] is not None:
