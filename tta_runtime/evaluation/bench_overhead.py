@@ -11,11 +11,12 @@ Every section times the reference and the runtime's public API on the same model
 - **bn_stats**: one forward with the recipe's statistics against the `bn_stats` recipe;
 - **slot_tta_fast** (`slot-shapes-32`, the bundled sample): the recipe's loop written out (encoder once,
   60 steps on 25% of the pixels, Adam with warm-up and cosine decay, one full forward, reset) against the runtime;
-- **frozen_segmenter**: `predict` at batch 1 with today's decoder against the eager implementation it replaced
+- **frozen_segmenter** (the default segmenter, its demo sample): `predict` at batch 1 with today's decoder against the eager implementation it replaced
   (`eager_decoder()`), with the largest output difference, in a fresh process and (with the Tent section) again
   in this one after its batch-64 work, where the eager decoder's large temporaries no longer fault in new pages;
-- **pruning**: dense against `prune=` variants through `predict` (batch 1 and 64), with test accuracy;
-- **busy_core**: adapting the bundled sample with the library's defaults, idle and beside a process that keeps
+- **pruning**: dense against `prune=` variants through `predict` (batch 1 and 64), with test accuracy (the digits CNN,
+  and `slot-shapes-32`, the segmenter with a pruned variant);
+- **busy_core**: adapting the default model's demo sample with the library's defaults, idle and beside a process that keeps
   one core busy (a fresh process, so nothing here sets its threads), against the same with one thread per core.
 """
 
@@ -164,7 +165,7 @@ def _frozen_segmenter_section(calls: int, note: Progress, threads: int) -> dict[
 
     note("frozen segmenter")
     rt = tta_runtime.Runtime.from_pretrained(threads=threads)
-    image = np.asarray(rt.predict(sample_image_path()).image)
+    image = np.asarray(rt.predict(sample_image_path(rt.name)).image)
 
     def eager() -> Any:
         with eager_decoder():
@@ -230,7 +231,7 @@ def busy_core_child(rounds: int, threads: int | None) -> dict[str, Any]:
     from tta_runtime.hub import sample_image_path
 
     rt = tta_runtime.Runtime.from_pretrained(**({} if threads is None else {"threads": threads}))
-    image = sample_image_path()
+    image = sample_image_path(rt.name)  # the default model's own demo sample
     rt.adapt_and_predict(image, steps=5)  # warm-up
     seen: list[int] = []
     rt.adapt_and_predict(image, steps=1, on_step=lambda _i, _o: seen.append(torch.get_num_threads()))
