@@ -103,10 +103,7 @@ def prepare_image(
             raise InvalidInputError(f"size {size!r} disagrees with preprocessing.size {preprocessing.size}; give one of them")
         size = preprocessing.size
     out_hw = _check_size(size)
-    if channel_order not in _CHANNEL_ORDERS:
-        raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    _check_options(channel_order, max_pixels)
 
     array, order, what = _to_array(image, channel_order, max_pixels)
     return _prepare_array(array, order, out_hw, max_pixels, what, preprocessing)
@@ -121,14 +118,14 @@ def prepare_images(
     `whole`: the batch `items` came from (`split_batch`). A uint8 (N, S_h, S_w, 3) numpy batch already at the
     model's size under a square resize is converted in one pass (the same tensors, bit for bit, as image by
     image: geometry is then the identity)."""
-    out_hw = (preprocessing.size, preprocessing.size) if preprocessing is not None else (0, 0)
-    if (preprocessing is not None and isinstance(whole, np.ndarray) and whole.ndim == 4 and whole.dtype == np.uint8
-            and whole.shape[3] == 3 and tuple(whole.shape[1:3]) == out_hw and preprocessing.resize == "square" and len(whole) == len(items)
-            and channel_order in _CHANNEL_ORDERS and isinstance(max_pixels, int) and not isinstance(max_pixels, bool)):
+    _check_options(channel_order, max_pixels)
+    if (preprocessing is not None and preprocessing.resize == "square" and isinstance(whole, np.ndarray)
+            and whole.shape[1:] == (preprocessing.size, preprocessing.size, 3) and whole.dtype == np.uint8
+            and len(whole) == len(items)):
+        out_hw = (preprocessing.size, preprocessing.size)
         check_pixels(out_hw, max_pixels, describe(whole))
         own = (whole if channel_order == "rgb" else whole[..., ::-1]).copy()  # ours, C-contiguous, RGB
-        chw = torch.from_numpy(own).permute(0, 3, 1, 2).contiguous().float()
-        chw.mul_(np.float32(1.0 / 255.0)).clamp_(0.0, 1.0)
+        chw = _unit_chw(own, 1.0 / 255.0)
         return [PreparedImage(tensor=chw[i : i + 1], original_size=out_hw, original_rgb=own[i]) for i in range(len(own))]
     prepared = []
     for i, item in enumerate(items):
@@ -356,11 +353,7 @@ def _prepare_array(
     rgb = _to_rgb(cv2, arr, order)  # (H, W, 3), the caller's own array when no conversion was needed
     resized = _geometry(rgb, out_hw, preprocessing)  # (S_h, S_w, 3), same dtype
 
-    chw = resized.transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S_h, S_w), fresh, contiguous
-    if scale != 1.0:
-        chw *= np.float32(scale)
-    np.clip(chw, 0.0, 1.0, out=chw)  # float input may sit up to 1e-6 outside [0, 1]
-    tensor = torch.from_numpy(chw)[None]  # (1, 3, S_h, S_w)
+    tensor = _unit_chw(resized, scale)[None]  # (1, 3, S_h, S_w)
 
     if rgb.dtype == np.uint8:
         original = rgb.copy() if rgb is given else rgb  # an array we converted is already our own
@@ -368,6 +361,23 @@ def _prepare_array(
         # round(x * 255) with saturation in one pass; abs() is harmless, values are >= -1e-6.
         original = cv2.convertScaleAbs(rgb, alpha=255.0 * scale)
     return PreparedImage(tensor=tensor, original_size=(height, width), original_rgb=original)
+
+
+def _check_options(channel_order: str, max_pixels: int) -> None:
+    if channel_order not in _CHANNEL_ORDERS:
+        raise InvalidInputError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise InvalidInputError(f"max_pixels must be a positive int, got {max_pixels!r}")
+
+
+def _unit_chw(hwc: np.ndarray, scale: float) -> torch.Tensor:
+    """(..., H, W, C) pixels -> a fresh contiguous float32 (..., C, H, W) tensor: times `scale`, clipped to [0, 1]
+    (float input may sit up to 1e-6 outside it)."""
+    chw = np.moveaxis(hwc, -1, -3).astype(np.float32, order="C")
+    if scale != 1.0:
+        chw *= np.float32(scale)
+    np.clip(chw, 0.0, 1.0, out=chw)
+    return torch.from_numpy(chw)
 
 
 def _check_float_values(arr: np.ndarray, what: str) -> None:
